@@ -1,0 +1,66 @@
+"""`taq` command line: one subcommand per pipeline stage, each a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import taq
+from taq.io import TaqFormatError
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import platform
+
+    import mlx.core as mx
+    import numpy as np
+
+    from taq._blas import _openblas_mapped
+    from taq.config import PRESETS
+
+    print(f"taq        {taq.__version__}")
+    print(f"python     {platform.python_version()} ({platform.system()} {platform.machine()})")
+    print(f"mlx        {mx.__version__}")
+    print(f"numpy      {np.__version__}")
+    print(f"device     {mx.default_device()}")
+    blas = taq.BLAS if platform.system() != "Linux" or _openblas_mapped() else "MLX's bundled reference BLAS"
+    print(f"blas       {blas}")
+    print("presets")
+    for name, cfg in PRESETS.items():
+        print(f"  {name:<11} depth {cfg.depth:>2}  hidden {cfg.hidden_size:>4}  heads {cfg.num_heads:>2}  "
+              f"patch {cfg.patch_size}  channels {cfg.in_channels:>2}  gelu {cfg.gelu}")
+
+
+# Each stage module exposes `configure_parser(parser)` and `run_cli(args)`.
+STAGES = {
+    "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="taq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, MLX device, BLAS in use, model presets").set_defaults(func=cmd_info)
+    for name, (module_name, help_text) in STAGES.items():
+        module = importlib.import_module(module_name)
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure_parser(stage)
+        stage.set_defaults(func=module.run_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TaqFormatError, FileNotFoundError, PermissionError) as exc:
+        print(f"taq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
