@@ -41,8 +41,13 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         return path
-    repo, _, filename = spec[3:].rpartition("/")
-    repo, filename = (repo, filename) if repo else HF_SD3_MEDIUM
+    if spec == "hf:":
+        repo, filename = HF_SD3_MEDIUM
+    else:
+        parts = spec[3:].split("/", 2)
+        if len(parts) != 3 or not all(parts):
+            raise CheckpointError(f"{spec!r}: expected hf:OWNER/REPO/FILE, or hf: alone for SD3 Medium")
+        repo, filename = "/".join(parts[:2]), parts[2]
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -70,8 +75,11 @@ def infer_sd3_config(weights: dict[str, mx.array], **overrides) -> MMDiTConfig:
             frequency_embedding_dim=weights["t_embedder.mlp.0.weight"].shape[1],
             mlp_ratio=weights["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden,
         )
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config ({exc!r} missing)") from None
+    except KeyError as exc:
+        raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config, key {exc} is missing") from None
+    except ValueError as exc:
+        raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config from {CONV_KEY} "
+                              f"{tuple(weights[CONV_KEY].shape)} ({exc})") from None
     return MMDiTConfig(**{**fields, **overrides})
 
 
@@ -81,7 +89,7 @@ def load_sd3_weights(path: str | os.PathLike) -> dict[str, mx.array]:
     weights = {k[len(SD3_PREFIX):]: v for k, v in raw.items() if k.startswith(SD3_PREFIX)}
     if not weights:
         raise CheckpointError(f"{path}: no keys under {SD3_PREFIX!r}; not an SD3 checkpoint")
-    if CONV_KEY in weights:
+    if CONV_KEY in weights and weights[CONV_KEY].ndim == 4:  # otherwise load_into names the bad shape
         weights[CONV_KEY] = weights[CONV_KEY].transpose(0, 2, 3, 1)
     return weights
 
@@ -89,6 +97,8 @@ def load_sd3_weights(path: str | os.PathLike) -> dict[str, mx.array]:
 def load_sd3_checkpoint(spec: str | os.PathLike, config: MMDiTConfig | None = None,
                         dtype: mx.Dtype | None = None, **config_overrides) -> MMDiT:
     """Build an MMDiT from an SD3-layout checkpoint; the config is read from the shapes unless given."""
+    if config is not None and config_overrides:
+        raise ValueError("pass either a config or overrides of the inferred one, not both")
     weights = load_sd3_weights(resolve_checkpoint(spec))
     model = MMDiT(config or infer_sd3_config(weights, **config_overrides))
     load_into(model, weights, source=str(spec))
