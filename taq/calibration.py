@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 import taq
 import mlx.core as mx
@@ -177,8 +178,6 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
     `on_batch(finished_trajectories)` runs after each batch is checkpointed. Every argument is checked before
     anything is sampled or written.
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
     recipe = CalibrationRecipe(num_trajectories, num_steps, num_selected, step_selection, float(cfg_scale),
                                float(shift), seed, batch_size)
@@ -207,6 +206,7 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
             denoiser = CFGDenoiser(model.mmdit, (cond_tokens[rows], cond_pooled[rows]), uncond, recipe.cfg_scale)
             noise = mx.array(np.stack([trajectory_noise(seed, i, latent_shape) for i in range(done, stop)]))
             trajectories[done:stop] = sample_selected_steps(denoiser, noise, sigmas, selected)
+            # Rewrites every finished trajectory each time (simple and atomic; I/O ~ T^2 / B, small next to sampling).
             save_npz(partial, {"xs": trajectories[:stop]}, {"recipe": fingerprint, "finished": stop},
                      kind=PARTIAL_KIND, version=PARTIAL_VERSION)
             bar.update(stop - done)
@@ -217,7 +217,7 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
     trajectory_indices, positions = shuffled_points(num_trajectories, num_selected, seed)
     step_indices = np.asarray(selected, dtype=np.int64)[positions]
     arrays = {
-        "xs": trajectories[trajectory_indices, positions],  # (P, H, W, C)
+        "xs": trajectories[trajectory_indices, positions],  # (P, H, W, C); a second copy of the output, briefly
         "ts": model_timesteps(sigmas)[step_indices],
         "prompt_indices": trajectory_indices % len(prompts),
         "trajectory_indices": trajectory_indices,
@@ -432,7 +432,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16,
                         help="trajectories per model call, 2x rows with CFG (default: %(default)s)")
     parser.add_argument("--output", default="calibration.npz", help="output .npz (default: %(default)s)")
-    parser.add_argument("--no-resume", action="store_true", help="ignore and overwrite a partial file of a previous run")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="ignore and overwrite the partial file of an earlier run")
 
 
 def run_cli(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -103,8 +104,6 @@ def test_linspace_rule_keeps_the_last_step(tiny, tmp_path):
 def _rewrite(source, target, change):
     with np.load(source) as data:
         arrays = {k: data[k] for k in data.files}
-    import json
-
     meta = json.loads(str(arrays.pop("__meta__")))
     change(arrays, meta)
     for key in ("kind", "format_version"):

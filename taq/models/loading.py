@@ -11,10 +11,9 @@ import mlx.core as mx
 from taq.conditioning import Encoder, PrecomputedEncoder, RandomEncoder, DiffusionKitEncoder
 from taq.config import get_preset
 from taq.io import file_sha256
-from taq.models.checkpoint import CheckpointError, load_into, load_sd3_checkpoint, read_taq_weights
+from taq.models.checkpoint import CheckpointError, load_sd3_checkpoint
 from taq.models.mmdit import MMDiT
 
-POCKET_WEIGHTS = Path(__file__).resolve().parent.parent / "pocket" / "weights" / "pocket.safetensors"
 DEFAULT_MODEL = "pocket"
 # Pixels per latent cell (SD3's VAE downsamples 8x; the pocket model's latent is the image) and default size.
 LATENT_SCALE = {"sd3-medium": 8, "pocket": 1, "tiny": 1, "small": 1}
@@ -50,8 +49,14 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     if name == "pocket":
         if checkpoint is not None:
             raise ValueError("the pocket model ships its own weights; --checkpoint is for SD3-layout models")
-        mmdit, default_encoder = load_pocket(POCKET_WEIGHTS)
-        weights_id = file_sha256(POCKET_WEIGHTS)
+        from taq.pocket import DEFAULT_WEIGHTS, load_pocket
+
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"the pocket model's weights are missing ({DEFAULT_WEIGHTS}); train them with "
+                                  f"`python -m taq.pocket.train --out {DEFAULT_WEIGHTS}`")
+        pocket, _ = load_pocket(DEFAULT_WEIGHTS)
+        mmdit, default_encoder = pocket.mmdit, pocket.text_encoder.encode
+        weights_id = file_sha256(DEFAULT_WEIGHTS)
     elif checkpoint is not None:
         mmdit = load_sd3_checkpoint(checkpoint, gelu=config.gelu, num_heads=config.num_heads)
         default_encoder = DiffusionKitEncoder()
@@ -66,18 +71,3 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     if dtype is not None:
         mmdit.set_dtype(dtype)
     return Model(name, mmdit, encoder, weights_id, LATENT_SCALE[name], DEFAULT_RESOLUTION[name])
-
-
-def load_pocket(path: str | os.PathLike) -> tuple[MMDiT, Encoder]:
-    from taq.config import MMDiTConfig
-    from taq.pocket.text_encoder import TextEncoder, TextEncoderConfig
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"the pocket model's weights are missing ({path}); train them with "
-                              "`python -m taq.pocket.train --out {path}`")
-    modules, metadata = read_taq_weights(path)
-    mmdit = MMDiT(MMDiTConfig.from_dict(metadata["mmdit_config"]))
-    load_into(mmdit, modules["mmdit"], source=str(path))
-    text_encoder = TextEncoder(TextEncoderConfig.from_dict(metadata["text_encoder_config"]))
-    load_into(text_encoder, modules["text_encoder"], source=str(path))
-    return mmdit, text_encoder.encode

@@ -25,7 +25,7 @@ from taq.pocket.data import LATENT_SIZE, MAX_INTENSITY, NUM_CLASSES, DigitSplit,
 from taq.pocket.prompts import UNCONDITIONAL_PROMPT, canonical_prompt
 from taq.pocket.text_encoder import TextEncoder
 from taq.sampling.euler import CFGDenoiser, sample
-from taq.sampling.schedule import flow_sigmas
+from taq.sampling.schedule import SD3_SHIFT, flow_sigmas
 
 MIN_CLASSIFIER_ACCURACY = 0.95
 TARGET_ACCURACY = 0.90
@@ -46,7 +46,7 @@ def _features(images: np.ndarray) -> np.ndarray:
 
 
 def generate_digits(mmdit: Callable, text_encoder: TextEncoder, samples_per_class: int, steps: int = 100,
-                    cfg_scale: float = 1.5, shift: float = 1.0, seed: int = 0) -> np.ndarray:
+                    cfg_scale: float = 1.5, shift: float = SD3_SHIFT, seed: int = 0) -> np.ndarray:
     """Latents (10 * samples_per_class, 16, 16, 1), digit-major; sample j of every digit starts from noise j."""
     if samples_per_class < 1:
         raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
@@ -95,11 +95,10 @@ def save_grid(path: Path, images: np.ndarray, predicted: list[int], samples_per_
 
 
 def evaluate(weights: str | Path = DEFAULT_WEIGHTS, samples_per_class: int = 8, steps: int = 100,
-             cfg_scale: float = 1.5, shift: float | None = None, seed: int = 0) -> tuple[dict, np.ndarray]:
+             cfg_scale: float = 1.5, shift: float = SD3_SHIFT, seed: int = 0) -> tuple[dict, np.ndarray]:
     """The report (JSON-ready) and the generated 8x8 images (digit-major)."""
     model, metadata = load_pocket(weights)
     split_seed = metadata.get("train_config", {}).get("split_seed", 0)
-    shift = metadata.get("sampling_shift", 1.0) if shift is None else shift
     classifier, classifier_accuracy = fit_digit_classifier(split_digits(seed=split_seed))
     started = time.perf_counter()
     latents = generate_digits(model.mmdit, model.text_encoder, samples_per_class, steps, cfg_scale, shift, seed)
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-per-class", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--shift", type=float, default=None, help="schedule shift (default: the weights' own)")
+    parser.add_argument("--shift", type=float, default=SD3_SHIFT, help="schedule shift (SD3: 3.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="for the JSON report and grid PNG")
     args = parser.parse_args(argv)

@@ -1,0 +1,426 @@
+"""Streaming activation statistics per (layer, timestep): reduced on the device, merged on the host.
+
+A batch of activations (..., C) is reduced in MLX to a few small arrays (`reduce_batch`); only those leave the
+device. They are merged into running totals in float64 with Chan et al.'s parallel update, so accuracy does not
+degrade with the number of batches. Reductions of many layers can be evaluated with one `mx.eval`
+(`BatchReduction.arrays()`), then turned into `CellStats` and merged.
+
+Non-finite values (NaN, +Inf, -Inf) are counted in their own counters and excluded from everything else: the
+per-channel count, mean, M2, min and max, the histogram, underflow/overflow and the negative count. A channel with
+no finite value has count 0 and reports NaN for mean, std, min and max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+MAX_BATCH_ELEMENTS = 2**31 - 1  # device-side counts are int32
+CELL_COUNTERS = ("underflow", "overflow", "negative", "nan", "posinf", "neginf")
+
+
+# --------------------------------------------------------------------------- histogram layout
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Equal-width bins over [lo, hi]; the last bin includes hi, as numpy.histogram's."""
+
+    bins: int = 512
+    lo: float = -8.0
+    hi: float = 8.0
+
+    def __post_init__(self):
+        if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) or self.bins < 1:
+            raise ValueError(f"HistogramSpec.bins must be a positive integer, got {self.bins!r}")
+        if not (np.isfinite(self.lo) and np.isfinite(self.hi) and self.lo < self.hi):
+            raise ValueError(f"HistogramSpec needs finite lo < hi, got lo={self.lo!r}, hi={self.hi!r}")
+        for name, cast in (("bins", int), ("lo", float), ("hi", float)):  # Python scalars, as numpy's range
+            object.__setattr__(self, name, cast(getattr(self, name)))
+        if np.any(np.diff(self.bin_edges) <= 0):
+            raise ValueError(f"{self.bins} bins over [{self.lo}, {self.hi}] are too narrow for float32 edges")
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """(bins + 1,) float32: the edges numpy.histogram uses for float32 data and Python-float range."""
+        return np.linspace(self.lo, self.hi, self.bins + 1, dtype=np.float32)
+
+
+def histogram_slots(x: mx.array, spec: HistogramSpec) -> mx.array:
+    """Bin index per element of float32 x: 0..bins-1, or bins (underflow), bins+1 (overflow), bins+2 (non-finite).
+
+    As numpy does: guess the bin arithmetically, then move it by one against the float32 edges, so values on an
+    edge land exactly where numpy.histogram puts them whatever rounding the device's division has.
+    """
+    bins = spec.bins
+    edges = mx.array(spec.bin_edges)
+    in_range = (x >= spec.lo) & (x <= spec.hi)  # Python floats compare as float32, as in numpy
+    xr = mx.where(in_range, x, spec.lo)  # keeps the guesses of the other elements harmless
+    guess = mx.minimum(((xr - spec.lo) / (spec.hi - spec.lo) * bins).astype(mx.int32), bins - 1)
+    below, above = xr < edges[guess], (xr >= edges[guess + 1]) & (guess != bins - 1)  # the last bin holds hi
+    index = mx.where(below, guess - 1, mx.where(above, guess + 1, guess))
+    out_of_range = mx.where(mx.isfinite(x), mx.where(x < spec.lo, bins, bins + 1), bins + 2)
+    return mx.where(in_range, index, out_of_range)
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def power_of_two_floor(a: mx.array) -> mx.array:
+    """2 ** floor(log2(a)) for positive normal float32 a, exactly (by masking the exponent bits); 0 for subnormals."""
+    return mx.view(mx.view(a, mx.int32) & 0x7F800000, mx.float32)
+
+
+@dataclass
+class BatchReduction:
+    """One batch reduced on the device. Per channel (C,): values are divided by `scale`, a power of two near
+    max |finite x| (exact, and squares of huge activations cannot overflow float32); `residual_sum`, the second
+    pass's sum of (x/scale - mean), corrects the first pass's mean (Chan, Golub & LeVeque's corrected two-pass)."""
+
+    count: mx.array  # (C,) int32: finite values
+    scale: mx.array  # (C,) float32, a power of two
+    scaled_mean: mx.array  # (C,) float32: first-pass mean of x / scale
+    residual_sum: mx.array  # (C,) float32
+    residual_sq_sum: mx.array  # (C,) float32
+    min: mx.array  # (C,) float32, +inf where count is 0
+    max: mx.array  # (C,) float32, -inf where count is 0
+    slots: mx.array  # (bins + 3,) int32: histogram, underflow, overflow, non-finite
+    signs: mx.array  # (3,) int32: values < 0 (-inf included), +inf, -inf
+
+    def arrays(self) -> list[mx.array]:
+        """Everything to pass to `mx.eval` (together with other reductions) before `CellStats.from_reduction`."""
+        return [self.count, self.scale, self.scaled_mean, self.residual_sum, self.residual_sq_sum,
+                self.min, self.max, self.slots, self.signs]
+
+
+HISTOGRAM_COPIES = 64  # channels scatter into this many histogram copies: spreads the GPU's atomic contention
+
+
+def reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
+    """Reduce activations x (..., C) to a BatchReduction without evaluating it (lazy MLX graph)."""
+    if x.ndim < 1:
+        raise ValueError(f"activations need a channel axis, got a scalar of shape {x.shape}")
+    if x.size > MAX_BATCH_ELEMENTS:
+        raise ValueError(f"a batch of {x.size} values exceeds {MAX_BATCH_ELEMENTS}; reduce it in smaller batches")
+    channels = x.shape[-1]
+    if channels == 0:
+        raise ValueError(f"activations of shape {x.shape} have no channels")
+    x = x.astype(mx.float32).reshape(-1, channels)  # (M, C)
+    if x.shape[0] == 0:
+        return _empty_reduction(channels, spec)
+    finite = mx.isfinite(x)
+    count = finite.sum(axis=0)
+    lowest, highest = mx.where(finite, x, mx.inf).min(axis=0), mx.where(finite, x, -mx.inf).max(axis=0)
+    scale = power_of_two_floor(mx.maximum(mx.abs(lowest), mx.abs(highest)))
+    scale = mx.where((count > 0) & (scale > 0), scale, 1.0)  # empty, all-zero or subnormal channels
+    scaled = mx.where(finite, x / scale, 0.0)  # exact: |scaled| < 2
+    scaled_mean = scaled.sum(axis=0) / mx.maximum(count, 1)
+    residual = mx.where(finite, scaled - scaled_mean, 0.0)
+    copies = min(HISTOGRAM_COPIES, channels)
+    offsets = (mx.arange(channels, dtype=mx.int32) % copies) * (spec.bins + 3)  # (C,)
+    slot_index = (histogram_slots(x, spec) + offsets).reshape(-1)
+    slots = mx.zeros((copies * (spec.bins + 3),), dtype=mx.int32).at[slot_index].add(1)
+    signs = mx.stack([(x < 0).sum(), (x == mx.inf).sum(), (x == -mx.inf).sum()])
+    return BatchReduction(
+        count=count, scale=scale, scaled_mean=scaled_mean,
+        residual_sum=residual.sum(axis=0), residual_sq_sum=mx.square(residual).sum(axis=0),
+        min=lowest, max=highest, slots=slots.reshape(copies, -1).sum(axis=0), signs=signs,
+    )
+
+
+@lru_cache(maxsize=None)
+def compiled_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
+    """reduce_batch fused by `mx.compile` (compiled once per input shape): about 3x faster on a GPU, but each new
+    shape costs seconds of compilation on the CPU backend."""
+    fused = mx.compile(lambda x: reduce_batch(x, spec).arrays())
+    return lambda x: BatchReduction(*fused(x))
+
+
+def _empty_reduction(channels: int, spec: HistogramSpec) -> BatchReduction:
+    zeros = mx.zeros((channels,), dtype=mx.float32)
+    return BatchReduction(
+        count=mx.zeros((channels,), dtype=mx.int32), scale=mx.ones((channels,)), scaled_mean=zeros,
+        residual_sum=zeros, residual_sq_sum=zeros, min=mx.full((channels,), mx.inf), max=mx.full((channels,), -mx.inf),
+        slots=mx.zeros((spec.bins + 3,), dtype=mx.int32), signs=mx.zeros((3,), dtype=mx.int32),
+    )
+
+
+# --------------------------------------------------------------------------- host side: one cell
+
+
+def _np64(a: mx.array) -> np.ndarray:
+    return np.array(a).astype(np.float64)
+
+
+@dataclass(eq=False)
+class CellStats:
+    """Running statistics of one (layer, timestep) cell, float64/int64 on the host.
+
+    Empty channels hold the merge identities (mean 0, m2 0, min +inf, max -inf); the `*_or_nan` views and
+    `ActivationStats.to_arrays` report them as NaN.
+    """
+
+    spec: HistogramSpec
+    count: np.ndarray  # (C,) int64
+    mean: np.ndarray  # (C,) float64
+    m2: np.ndarray  # (C,) float64: sum of squared deviations from the mean
+    min: np.ndarray  # (C,) float64
+    max: np.ndarray  # (C,) float64
+    hist: np.ndarray  # (bins,) int64
+    underflow: int = 0  # finite values < lo
+    overflow: int = 0  # finite values > hi
+    negative: int = 0  # finite values < 0
+    nan: int = 0
+    posinf: int = 0
+    neginf: int = 0
+
+    @classmethod
+    def empty(cls, channels: int, spec: HistogramSpec) -> "CellStats":
+        return cls(spec=spec, count=np.zeros(channels, np.int64), mean=np.zeros(channels), m2=np.zeros(channels),
+                   min=np.full(channels, np.inf), max=np.full(channels, -np.inf), hist=np.zeros(spec.bins, np.int64))
+
+    @classmethod
+    def from_reduction(cls, r: BatchReduction, spec: HistogramSpec) -> "CellStats":
+        """Host statistics of one evaluated BatchReduction (evaluates it if it is not yet)."""
+        count = np.array(r.count).astype(np.int64)
+        n = np.maximum(count, 1).astype(np.float64)
+        scale = _np64(r.scale)
+        residual_sum = _np64(r.residual_sum)
+        mean = (_np64(r.scaled_mean) + residual_sum / n) * scale
+        m2 = np.maximum(_np64(r.residual_sq_sum) - residual_sum**2 / n, 0.0) * scale**2
+        slots = np.array(r.slots).astype(np.int64)
+        below_zero, posinf, neginf = (int(v) for v in np.array(r.signs))
+        nan = int(slots[spec.bins + 2]) - posinf - neginf
+        return cls(spec=spec, count=count, mean=np.where(count > 0, mean, 0.0), m2=np.where(count > 0, m2, 0.0),
+                   min=_np64(r.min), max=_np64(r.max), hist=slots[: spec.bins],
+                   underflow=int(slots[spec.bins]), overflow=int(slots[spec.bins + 1]),
+                   negative=below_zero - neginf, nan=nan, posinf=posinf, neginf=neginf)
+
+    @classmethod
+    def from_activations(cls, x: mx.array, spec: HistogramSpec = HistogramSpec()) -> "CellStats":
+        """One batch on its own: reduce on the device, evaluate, bring home."""
+        reduction = reduce_batch(x, spec)
+        mx.eval(reduction.arrays())
+        return cls.from_reduction(reduction, spec)
+
+    @property
+    def channels(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def finite_count(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def std(self) -> np.ndarray:
+        """(C,) population standard deviation (ddof 0); NaN for empty channels."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, np.sqrt(self.m2 / self.count), np.nan)
+
+    @property
+    def negative_fraction(self) -> float:
+        """Fraction of the finite values that are < 0; NaN when there are none."""
+        total = self.finite_count
+        return self.negative / total if total else float("nan")
+
+    def merge(self, other: "CellStats") -> "CellStats":
+        """Statistics of the union of two disjoint sample sets (Chan et al.'s parallel update, float64)."""
+        if other.spec != self.spec:
+            raise ValueError(f"cannot merge cells with different histograms: {self.spec} vs {other.spec}")
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge cells with {self.channels} and {other.channels} channels")
+        na, nb = self.count.astype(np.float64), other.count.astype(np.float64)
+        n = na + nb
+        safe_n = np.maximum(n, 1.0)
+        delta = other.mean - self.mean
+        mean = np.where(n > 0, self.mean + delta * (nb / safe_n), 0.0)
+        m2 = np.where(n > 0, self.m2 + other.m2 + delta**2 * (na * nb / safe_n), 0.0)
+        counters = {name: getattr(self, name) + getattr(other, name) for name in CELL_COUNTERS}
+        return CellStats(spec=self.spec, count=self.count + other.count, mean=mean, m2=m2,
+                         min=np.minimum(self.min, other.min), max=np.maximum(self.max, other.max),
+                         hist=self.hist + other.hist, **counters)
+
+
+# --------------------------------------------------------------------------- host side: all cells
+
+PER_CHANNEL_STATS = ("mean", "m2", "min", "max")
+DERIVED_KEYS = ("std", "negative_fraction", "bin_edges")  # written by to_arrays, recomputed by from_arrays
+
+
+def timestep_key(timestep) -> float:
+    """Cells are keyed by the timestep as a Python float (so 500, 500.0 and np.float32(500) are one cell)."""
+    if isinstance(timestep, (bool, np.bool_)):
+        raise ValueError(f"timestep must be a number, got {timestep!r}")
+    try:
+        value = float(timestep)
+    except (TypeError, ValueError):
+        raise ValueError(f"timestep must be a number, got {timestep!r}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"timestep must be finite, got {timestep!r}")
+    return value
+
+
+class ActivationStats:
+    """CellStats keyed by (layer name, timestep); every cell has the same channel count and histogram spec.
+
+    `to_arrays()` stacks them as (L, T, C) per-channel and (L, T, bins) histogram arrays (cells never visited:
+    `present` False, count 0, NaN statistics); `from_arrays()` rebuilds the container exactly.
+    """
+
+    def __init__(self, spec: HistogramSpec = HistogramSpec(), layers=()):
+        self.spec = spec
+        self.channels: int | None = None
+        self._layers: list[str] = []
+        self._cells: dict[tuple[str, float], CellStats] = {}
+        self.add_layers(layers)
+
+    # ---- access
+
+    def add_layers(self, names) -> None:
+        """Fix the export order of layers (first mention wins); layers are also added when first updated."""
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"layer names must be non-empty strings, got {name!r}")
+            if name not in self._layers:
+                self._layers.append(name)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self._layers)
+
+    @property
+    def timesteps(self) -> tuple[float, ...]:
+        return tuple(sorted({t for _, t in self._cells}))
+
+    def __getitem__(self, key: tuple[str, float]) -> CellStats:
+        layer, timestep = key
+        try:
+            return self._cells[layer, timestep_key(timestep)]
+        except KeyError:
+            raise KeyError(f"no statistics for layer {layer!r} at timestep {timestep!r}") from None
+
+    def __contains__(self, key: tuple[str, float]) -> bool:
+        layer, timestep = key
+        return (layer, timestep_key(timestep)) in self._cells
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+    def items(self):
+        return self._cells.items()
+
+    # ---- accumulation
+
+    def update(self, layer: str, timestep, cell: CellStats) -> None:
+        """Merge `cell` (one batch, or any disjoint sample set) into the (layer, timestep) cell."""
+        if cell.spec != self.spec:
+            raise ValueError(f"layer {layer!r}: cell histogram {cell.spec} differs from these stats' {self.spec}")
+        if self.channels is None:
+            self.channels = cell.channels
+        elif cell.channels != self.channels:
+            raise ValueError(f"layer {layer!r} has {cell.channels} channels, these stats hold {self.channels}; "
+                             "all layers must have the same channel count")
+        self.add_layers([layer])
+        key = (layer, timestep_key(timestep))
+        self._cells[key] = self._cells[key].merge(cell) if key in self._cells else cell
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        """A new container holding both; cells present in both are merged (disjoint sample sets assumed)."""
+        if other.spec != self.spec:
+            raise ValueError(f"cannot merge stats with different histograms: {self.spec} vs {other.spec}")
+        merged = ActivationStats(self.spec, self.layers + other.layers)
+        for source in (self, other):
+            for (layer, timestep), cell in source.items():
+                merged.update(layer, timestep, cell)
+        return merged
+
+    # ---- export
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        layers, timesteps = self.layers, self.timesteps
+        L, T, C, B = len(layers), len(timesteps), self.channels or 0, self.spec.bins
+        out = {
+            "layers": np.array(layers, dtype=str),
+            "timesteps": np.array(timesteps, dtype=np.float64),
+            "hist_range": np.array([self.spec.lo, self.spec.hi], dtype=np.float64),
+            "bin_edges": self.spec.bin_edges,
+            "present": np.zeros((L, T), dtype=bool),
+            "count": np.zeros((L, T, C), dtype=np.int64),
+            **{name: np.full((L, T, C), np.nan) for name in PER_CHANNEL_STATS + ("std",)},
+            "hist": np.zeros((L, T, B), dtype=np.int64),
+            **{name: np.zeros((L, T), dtype=np.int64) for name in CELL_COUNTERS},
+            "negative_fraction": np.full((L, T), np.nan),
+        }
+        layer_index = {name: i for i, name in enumerate(layers)}
+        time_index = {t: j for j, t in enumerate(timesteps)}
+        for (layer, timestep), cell in self._cells.items():
+            i, j = layer_index[layer], time_index[timestep]
+            filled = cell.count > 0
+            out["present"][i, j] = True
+            out["count"][i, j] = cell.count
+            for name in PER_CHANNEL_STATS:
+                out[name][i, j] = np.where(filled, getattr(cell, name), np.nan)
+            out["std"][i, j] = cell.std
+            out["hist"][i, j] = cell.hist
+            for name in CELL_COUNTERS:
+                out[name][i, j] = getattr(cell, name)
+            out["negative_fraction"][i, j] = cell.negative_fraction
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ActivationStats":
+        """Inverse of to_arrays. The derived keys (std, negative_fraction, bin_edges) are recomputed, not read;
+        bin_edges, if given, must match the histogram range."""
+        required = ("layers", "timesteps", "hist_range", "present", "count", "hist") + PER_CHANNEL_STATS + CELL_COUNTERS
+        missing = [k for k in required if k not in arrays]
+        if missing:
+            raise ValueError(f"activation stats arrays lack {missing}")
+        layers = [str(name) for name in np.asarray(arrays["layers"]).reshape(-1)]
+        timesteps = np.asarray(arrays["timesteps"], dtype=np.float64)
+        lo, hi = (float(v) for v in np.asarray(arrays["hist_range"], dtype=np.float64))
+        hist = np.asarray(arrays["hist"])
+        L, T = len(layers), timesteps.shape[0]
+        spec = HistogramSpec(bins=int(hist.shape[-1]), lo=lo, hi=hi)
+        if "bin_edges" in arrays and not np.array_equal(arrays["bin_edges"], spec.bin_edges):
+            raise ValueError(f"bin_edges do not match {spec}")
+        count = np.asarray(arrays["count"])
+        C = count.shape[-1] if count.ndim == 3 else -1
+        expected = {"present": (L, T), "count": (L, T, C), "hist": (L, T, spec.bins),
+                    **{k: (L, T, C) for k in PER_CHANNEL_STATS}, **{k: (L, T) for k in CELL_COUNTERS}}
+        for key, shape in expected.items():
+            if np.shape(arrays[key]) != shape:
+                raise ValueError(f"{key!r} has shape {np.shape(arrays[key])}, expected {shape} "
+                                 f"for {L} layers, {T} timesteps, {C} channels, {spec.bins} bins")
+        if len(set(layers)) != L:
+            raise ValueError(f"layer names are not unique: {layers}")
+        if not (np.all(np.isfinite(timesteps)) and np.all(np.diff(timesteps) > 0)):
+            raise ValueError(f"timesteps must be finite and strictly increasing, got {timesteps}")
+        present = np.asarray(arrays["present"], dtype=bool)
+        stats = cls(spec, layers)
+        for i, j in zip(*np.nonzero(~present)):
+            if count[i, j].any() or hist[i, j].any() or any(arrays[k][i, j] for k in CELL_COUNTERS):
+                raise ValueError(f"cell ({layers[i]!r}, {timesteps[j]}) is marked absent but holds counts")
+        for i, j in zip(*np.nonzero(present)):
+            where = f"({layers[i]!r}, {timesteps[j]})"
+            stats.update(layers[i], timesteps[j], _cell_from_arrays(arrays, i, j, spec, where))
+        return stats
+
+
+def _cell_from_arrays(arrays: dict[str, np.ndarray], i: int, j: int, spec: HistogramSpec, where: str) -> CellStats:
+    count = np.asarray(arrays["count"][i, j], dtype=np.int64)
+    filled = count > 0
+    values = {k: np.asarray(arrays[k][i, j], dtype=np.float64) for k in PER_CHANNEL_STATS}
+    if np.any(count < 0):
+        raise ValueError(f"cell {where} has negative counts")
+    bad = [k for k, v in values.items() if not np.all(np.isfinite(v[filled]))]
+    if bad or np.any(values["m2"][filled] < 0) or np.any(values["min"][filled] > values["max"][filled]):
+        raise ValueError(f"cell {where} has invalid statistics (non-finite {bad}, negative m2 or min > max)")
+    identity = {"mean": 0.0, "m2": 0.0, "min": np.inf, "max": -np.inf}  # merge identities of empty channels
+    per_channel = {k: np.where(filled, v, identity[k]) for k, v in values.items()}
+    counters = {k: int(arrays[k][i, j]) for k in CELL_COUNTERS}
+    return CellStats(spec=spec, count=count, hist=np.asarray(arrays["hist"][i, j], dtype=np.int64),
+                     **per_channel, **counters)
