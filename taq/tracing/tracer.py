@@ -2,8 +2,8 @@
 
 MLX has no forward hooks and looks `__call__` up on the class, so each traced module is replaced (through
 `Module.update_modules`) by a `RecordingModule` that calls it and reduces its output on the device; the originals
-are put back on exit, also when the block raises. Do not `mx.compile` the model while it is traced: the wrapper
-keeps the reductions outside the compiled graph.
+are put back on exit, also when the block raises. Do not call an `mx.compile`d model while it is traced: the
+recorded activations would be placeholders of the compiled graph.
 
     paths = mmdit_layer_paths(model)                       # {"mm_00_img": "joint_blocks.0.x_block.mlp.act", ...}
     with trace_ffn_activations(model, paths, stats) as tracer:
