@@ -33,6 +33,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 # Each stage module exposes `configure_parser(parser)` and `run_cli(args)`.
 STAGES = {
+    "generate": ("taq.generate", "sample images for prompts (the pocket model's are PNGs)"),
     "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
 }
 

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+import taq  # noqa: F401
+from taq.cli import main
+from taq.generate import generate
+from taq.models.loading import load_model
+
+
+def test_generate_writes_a_png_for_the_pocket_model(tmp_path, capsys):
+    out = tmp_path / "seven.png"
+    assert main(["generate", "a handwritten digit seven", "--steps", "5", "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_is_seeded_per_prompt():
+    model = load_model()
+    a = generate(model, ["a handwritten digit one", "a handwritten digit two"], steps=4, seed=3)
+    b = generate(model, ["a handwritten digit one"], steps=4, seed=3)
+    assert a.shape == (2, 16, 16, 1)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["x", "--output", "a.jpg"], "must end in .png or .npy"),
+    (["x", "--model", "tiny", "--output", "a.png"], "need a VAE"),
+    (["x", "--steps", "0", "--output", "a.png"], "--steps must be >= 1"),
+])
+def test_bad_generate_input_exits_2_with_one_line(argv, message, capsys):
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
