@@ -35,6 +35,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 STAGES = {
     "generate": ("taq.generate", "sample images for prompts (the pocket model's are PNGs)"),
     "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
+    "bench": ("taq.bench", "time one CFG step, untraced and traced, as JSON"),
 }
 
 

@@ -1,0 +1,109 @@
+"""`taq bench`: time one CFG denoiser step (eager, compiled, traced) for a preset at a resolution.
+
+Prints JSON: median/min over repeats, peak memory, the analytic FLOP count of the MMDiT forward and the
+achieved TFLOP/s of the fastest untraced mode. Timings are for `rows` = 2 x batch rows (CFG doubles the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import taq
+from taq.config import MMDiTConfig
+from taq.models.loading import load_model
+from taq.tracing import ActivationStats, mmdit_layer_paths, trace_ffn_activations
+
+SD3_TEXT_TOKENS = 154  # 77 CLIP + 77 T5 tokens
+POCKET_TEXT_TOKENS = 16  # the pocket encoder's max_length (also used for the random test presets)
+
+
+def forward_flops(cfg: MMDiTConfig, rows: int, image_tokens: int, text_tokens: int) -> float:
+    """Multiply-adds x 2 of the matmuls and attention of one MMDiT forward (embedders and norms omitted)."""
+    D, L = cfg.hidden_size, image_tokens + text_tokens
+    per_stream = lambda n, full: 2 * n * D * (3 * D + (D + 2 * cfg.mlp_hidden if full else 0))  # noqa: E731
+    modulation = 2 * D * D * (6 + 6)  # both streams' adaLN, per row
+    total = 0.0
+    for i in range(cfg.depth):
+        last = i == cfg.depth - 1
+        total += per_stream(image_tokens, True) + per_stream(text_tokens, not last) + modulation
+        total += 2 * 2 * L * L * D  # QK^T and attention x V over the joint sequence
+    total += 2 * image_tokens * D * cfg.patch_size**2 * cfg.in_channels
+    return rows * total
+
+
+def _time(fn, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(model_name: str = "sd3-medium", resolution: int | None = None, batch: int = 1, dtype: str = "bfloat16",
+          repeats: int = 10, warmup: int = 2, compile: bool = True) -> dict:
+    model = load_model(model_name, dtype=getattr(mx, dtype))
+    text_tokens = SD3_TEXT_TOKENS if model_name == "sd3-medium" else POCKET_TEXT_TOKENS
+    cfg = model.mmdit.config
+    resolution = resolution or model.default_resolution
+    H, W, C = model.latent_shape(resolution)
+    rows = 2 * batch
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((rows, H, W, C), dtype=np.float32)).astype(getattr(mx, dtype))
+    t = mx.full((rows,), 500.0)
+    tokens = mx.array(rng.standard_normal((rows, text_tokens, cfg.token_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((rows, cfg.pooled_dim), dtype=np.float32))
+    timings = {"untraced_ms": _time(lambda: mx.eval(model.mmdit(x, t, tokens, pooled)), repeats, warmup)}
+    if compile:
+        compiled = mx.compile(model.mmdit)
+        timings["compiled_ms"] = _time(lambda: mx.eval(compiled(x, t, tokens, pooled)), repeats, warmup)
+    stats = ActivationStats()
+    with trace_ffn_activations(model.mmdit, mmdit_layer_paths(model.mmdit), stats) as tracer:
+        tracer.timestep = 500.0
+
+        def traced_step():
+            tracer.flush(model.mmdit(x, t, tokens, pooled))
+
+        timings["traced_ms"] = _time(traced_step, repeats, warmup)
+    n_img = (H // cfg.patch_size) * (W // cfg.patch_size)
+    flops = forward_flops(cfg, rows, n_img, text_tokens)
+    result = {
+        "model": model_name, "resolution": resolution, "latent": [H, W, C], "rows": rows, "dtype": dtype,
+        "text_tokens": text_tokens, "compiled": compile, "repeats": repeats,
+        "device": str(mx.default_device()), "platform": f"{platform.system()} {platform.machine()}",
+        "mlx": mx.__version__, "blas": taq.BLAS,
+        **{name: {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts)} for name, ts in timings.items()},
+        "flops": flops,
+        "peak_memory_gb": mx.get_peak_memory() / 2**30,
+    }
+    # The tracer wraps modules, so the traced step runs eagerly: compare it with the eager untraced step.
+    result["traced_over_untraced"] = result["traced_ms"]["median"] / result["untraced_ms"]["median"]
+    fastest = min(result[name]["median"] for name in timings if name != "traced_ms")
+    result["tflops_per_s"] = flops / (fastest / 1e3) / 1e12
+    return result
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="pocket", help="preset; sd3-medium uses random weights")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    parser.add_argument("--batch", type=int, default=1, help="trajectories; the step runs 2x rows for CFG")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="time the eager forward")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--batch and --repeats must be >= 1, --warmup >= 0")
+    print(json.dumps(bench(args.model, args.resolution, args.batch, args.dtype, args.repeats, args.warmup,
+                           compile=not args.no_compile), indent=1))
