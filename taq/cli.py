@@ -35,6 +35,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 STAGES = {
     "generate": ("taq.generate", "sample images for prompts (the pocket model's are PNGs)"),
     "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
+    "profile": ("taq.profiling", "phase 2: trace post-GELU FFN activations into statistics"),
+    "plot": ("taq.report.plots", "figures and summary tables from a stats file"),
     "bench": ("taq.bench", "time one CFG step, untraced and traced, as JSON"),
 }
 

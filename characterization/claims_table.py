@@ -1,0 +1,93 @@
+"""The claims table (claims.json, claims.md) and one figure per claim, written into the report directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from taq.claims import CLAIMS, THRESHOLDS
+from taq.io import atomic_path
+from taq.report.plots import save_figure
+from taq.report.summary import display_order
+
+OUTCOMES = ("pass", "xfail", "fail")
+OUTCOME_COLORS = {"pass": "tab:green", "xfail": "goldenrod", "fail": "tab:red"}
+CLAIMS_DIR = "claims"
+
+
+def tally(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """claim -> {outcome: count} for every claim that has records, in CLAIMS order."""
+    counts = {claim: Counter() for claim in CLAIMS}
+    for record in records:
+        counts.setdefault(record["claim"], Counter())[record["outcome"]] += 1
+    return {claim: {o: c[o] for o in OUTCOMES} for claim, c in counts.items() if c}
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
+    lines = [f"# Claims: {context.get('model', '?')} ({context.get('recipe', '?')} recipe)", "",
+             "A claim holds for a layer when its measured value is >= its threshold. pass: holds, as expected; "
+             "xfail: does not hold, as the expectations file says; fail: the outcome differs from the "
+             "expectations file.", "", "| claim | pass | xfail | fail | threshold | measure |", "| --- | ---: | ---: "
+             "| ---: | ---: | --- |"]
+    for claim, counts in tally(records).items():
+        lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts['pass']} | {counts['xfail']} | "
+                     f"{counts['fail']} | {THRESHOLDS[claim].value:g} | {THRESHOLDS[claim].measure} |")
+    lines += ["", "| claim | layer | measured | threshold | expected | outcome | note |",
+              "| --- | --- | ---: | ---: | --- | --- | --- |"]
+    for r in records:
+        lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {r['threshold']:g} | "
+                     f"{r['expected']} | {r['outcome']} | {r['note']} |")
+    lines += ["", "## What each threshold encodes (TaQ-DiT, arXiv:2411.14172)", ""]
+    lines += [f"- **{claim}** (>= {t.value:g}): {t.observation}" for claim, t in THRESHOLDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
+    """Measured value per layer against the threshold, bars colored by outcome."""
+    rows = [r for r in records if r["claim"] == claim]
+    rows = [rows[i] for i in display_order([r["layer"] for r in rows])]
+    values = np.array([r["measured"] for r in rows], dtype=np.float64)
+    threshold = THRESHOLDS[claim].value
+    fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    shown = np.where(np.isfinite(values), values, np.nan)
+    ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows])
+    ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(claim)
+    ax.set_title(f"{claim}: {THRESHOLDS[claim].measure}", fontsize=9, wrap=True)
+    handles = [ax.bar([0], [0], color=color, label=o, width=0) for o, color in OUTCOME_COLORS.items()]
+    ax.legend(handles=[ax.get_lines()[0], *handles], fontsize=8, loc="best")
+    missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
+    if missing:
+        fig.text(0.01, 0.01, f"not finite (not drawn): {', '.join(missing)}", color="firebrick", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write_claims(records: Sequence[Mapping], report_dir: Path, context: Mapping) -> list[Path]:
+    """claims.json, claims.md and claims/<claim>.png in report_dir; returns the paths written."""
+    figures_dir = report_dir / CLAIMS_DIR
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = [save_figure(claim_figure(records, claim), figures_dir / f"{claim}.png") for claim in tally(records)]
+    document = {**context, "summary": tally(records),
+                "thresholds": {c: {"value": t.value, "measure": t.measure, "observation": t.observation}
+                               for c, t in THRESHOLDS.items()},
+                "claims": [{k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in r.items()}
+                           for r in records]}
+    for name, text in (("claims.json", json.dumps(document, indent=2) + "\n"),
+                       ("claims.md", claims_markdown(records, context))):
+        with atomic_path(report_dir / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        written.append(report_dir / name)
+    return written

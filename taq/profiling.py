@@ -1,0 +1,264 @@
+"""Phase 2: trace every FFN's post-GELU activations over a calibration set into per-(layer, timestep) statistics.
+
+The plan: `num_samples` calibration points drawn uniformly without replacement by
+`numpy.random.default_rng(seed).choice(P, num_samples, replace=False)` (asking for more points than the set holds
+is an error, not a silent clamp: the statistics would describe a different sample than the one asked for). The
+points are sorted by (timestep, prompt, point index) and cut into forward batches of at most `batch_size` points
+that share one timestep, since the tracer files each forward's activations under one timestep. Each batch of B
+points runs as 2B rows, as the seed's CFG doubling: rows [0:B] carry the points' prompt embeddings, rows [B:2B]
+the unconditional ones; both halves are counted in the statistics (the file's metadata says so).
+
+The same seed, calibration file, model and batch size give byte-identical statistics arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+import taq
+import mlx.core as mx
+
+from taq.calibration import CalibrationSet, check_output_path, load_calibration
+from taq.config import get_preset
+from taq.io import TaqFormatError, file_sha256, load_npz, save_npz
+from taq.models.loading import DEFAULT_MODEL, Model, load_model
+from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
+from taq.tracing.stats import CELL_COUNTERS
+
+KIND, VERSION = "taq-stats", 1
+ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
+             "ones; both rows are counted, so count = 2 x points x tokens per channel")
+
+# key -> ndim of every array in a stats file (L layers, T timesteps, C channels, bins)
+STATS_KEYS = {
+    "layers": 1, "timesteps": 1, "hist_range": 1, "bin_edges": 1, "present": 2,
+    "count": 3, "mean": 3, "std": 3, "m2": 3, "min": 3, "max": 3, "hist": 3,
+    "negative_fraction": 2, **{name: 2 for name in CELL_COUNTERS},
+}
+
+
+# --------------------------------------------------------------------------- stats file
+
+
+@dataclass
+class StatsFile:
+    stats: ActivationStats
+    arrays: dict[str, np.ndarray]  # exactly stats.to_arrays()
+    meta: dict
+
+
+def save_stats(path: str | os.PathLike, stats: ActivationStats, meta: dict) -> None:
+    """Write `stats.to_arrays()` and `meta` to `path` atomically."""
+    save_npz(path, stats.to_arrays(), meta, kind=KIND, version=VERSION)
+
+
+def load_stats(path: str | os.PathLike) -> StatsFile:
+    """Read and validate a stats file; any problem is a TaqFormatError naming the file and the key."""
+    arrays, meta = load_npz(path, kind=KIND, version=VERSION, required=STATS_KEYS)
+    try:
+        stats = ActivationStats.from_arrays(arrays)
+    except ValueError as exc:
+        raise TaqFormatError(f"{path}: {exc}") from None
+    rebuilt = stats.to_arrays()
+    for key, expected in rebuilt.items():  # derived keys (std, negative_fraction) must agree with the rest
+        if arrays[key].shape != expected.shape or not np.array_equal(arrays[key], expected, equal_nan=key != "layers"):
+            raise TaqFormatError(f"{path}: {key!r} is inconsistent with the other arrays (count, m2, hist, ...)")
+    return StatsFile(stats=stats, arrays=rebuilt, meta=meta)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    timestep: float  # shared by every point of the batch
+    points: np.ndarray  # (B,) indices into the calibration set
+
+
+def sample_points(num_points: int, num_samples: int, seed: int) -> np.ndarray:
+    """`num_samples` distinct point indices drawn uniformly from range(num_points), seeded."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples > num_points:
+        raise ValueError(f"num_samples {num_samples} exceeds the {num_points} points of the calibration set; "
+                         f"ask for at most {num_points}")
+    return np.random.default_rng(seed).choice(num_points, size=num_samples, replace=False)
+
+
+def plan_batches(cal: CalibrationSet, num_samples: int, seed: int, batch_size: int) -> list[ForwardBatch]:
+    """The sampled points in forward batches of at most `batch_size` points that share one timestep."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    points = sample_points(len(cal), num_samples, seed)
+    points = points[np.lexsort((points, cal.prompt_indices[points], cal.ts[points]))]  # by t, then prompt
+    batches = []
+    for t in np.unique(cal.ts[points]):
+        same_t = points[cal.ts[points] == t]
+        batches += [ForwardBatch(float(t), same_t[i : i + batch_size]) for i in range(0, len(same_t), batch_size)]
+    return batches
+
+
+def batch_inputs(cal: CalibrationSet, batch: ForwardBatch) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """(x, t, tokens, pooled) of 2B rows for B points: conditional rows first, then unconditional."""
+    x = cal.xs[batch.points]  # (B, H, W, C)
+    prompts = cal.prompt_indices[batch.points]
+    tokens = _cond_then_uncond(cal.cs[prompts], cal.cs_uncond)  # (2B, L, token_dim)
+    pooled = _cond_then_uncond(cal.cs_pooled[prompts], cal.cs_pooled_uncond)  # (2B, pooled_dim)
+    t = np.full((2 * len(batch.points),), cal.ts[batch.points[0]], dtype=np.float32)
+    return mx.array(np.concatenate([x, x])), mx.array(t), mx.array(tokens), mx.array(pooled)
+
+
+def _cond_then_uncond(cond: np.ndarray, uncond: np.ndarray) -> np.ndarray:
+    return np.concatenate([cond, np.broadcast_to(uncond, cond.shape)])
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_calibration_fits(cal: CalibrationSet, model: Model, source: str) -> None:
+    """The calibration set must feed this model: latent channels and grid, embedding widths, finite embeddings."""
+    cfg = model.mmdit.config
+    made_with = cal.meta.get("model", "an unknown model")
+    H, W, C = cal.xs.shape[1:]
+    problems = []
+    if C != cfg.in_channels:
+        problems.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
+    p, grid = cfg.patch_size, cfg.pos_embed_max_size
+    if H % p or W % p or H // p > grid or W // p > grid:
+        problems.append(f"latents are {H}x{W}, the model takes multiples of {p} up to {grid * p}")
+    if cal.cs.shape[-1] != cfg.token_dim:
+        problems.append(f"token embeddings are {cal.cs.shape[-1]} wide, the model takes {cfg.token_dim}")
+    if cal.cs_pooled.shape[-1] != cfg.pooled_dim:
+        problems.append(f"pooled embeddings are {cal.cs_pooled.shape[-1]} wide, the model takes {cfg.pooled_dim}")
+    if problems:
+        raise ValueError(f"{source} was made with {made_with!r} and does not fit model {model.name!r}: "
+                         + "; ".join(problems))
+    for key in ("cs", "cs_pooled", "cs_uncond", "cs_pooled_uncond"):
+        if not np.isfinite(getattr(cal, key)).all():
+            raise TaqFormatError(f"{source}: {key!r} holds NaN or inf values")
+    if len(cal) == 0:
+        raise TaqFormatError(f"{source}: holds no points")
+    if made_with != model.name:
+        warnings.warn(f"{source} was made with {made_with!r}; profiling {model.name!r}", stacklevel=3)
+    elif cal.meta.get("weights_id") != model.weights_id:
+        warnings.warn(f"{source} was made with other weights of {model.name!r} "
+                      f"({cal.meta.get('weights_id')} vs {model.weights_id})", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class ProfileSummary:
+    path: Path
+    num_samples: int
+    num_forwards: int
+    seconds: float
+    layers: tuple[str, ...]
+    timesteps: tuple[float, ...]
+
+    def line(self) -> str:
+        return (f"wrote statistics of {len(self.layers)} layers x {len(self.timesteps)} timesteps from "
+                f"{self.num_samples} points ({self.num_forwards} forwards) to {self.path} in {self.seconds:.1f} s")
+
+
+def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: int = 512, seed: int = 0,
+            batch_size: int = 32, layers: Optional[Sequence[str]] = None, hist_spec: HistogramSpec = HistogramSpec(),
+            output: str | os.PathLike, progress: bool = True) -> ProfileSummary:
+    """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
+
+    Everything is checked before the first forward; nothing is written unless the whole run succeeds.
+    """
+    output = check_output_path(output)
+    return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
+                    batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress)
+
+
+def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, *, num_samples: int, seed: int,
+             batch_size: int, layers: Optional[Sequence[str]], hist_spec: HistogramSpec, output: Path,
+             progress: bool) -> ProfileSummary:
+    started = time.perf_counter()
+    if layers is not None and len(layers) == 0:
+        raise ValueError("layers is empty; give at least one layer name, or None for all")
+    layer_paths = mmdit_layer_paths(model.mmdit, layers)
+    check_calibration_fits(cal, model, str(calibration_path))
+    batches = plan_batches(cal, num_samples, seed, batch_size)
+
+    stats = ActivationStats(hist_spec, layer_paths)
+    with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
+            tqdm(total=num_samples, unit="pt", desc="profile", disable=not progress) as bar:
+        for batch in batches:
+            tracer.timestep = batch.timestep
+            tracer.flush(model.mmdit(*batch_inputs(cal, batch)))
+            bar.update(len(batch.points))
+
+    sampled = np.sort(np.concatenate([batch.points for batch in batches]))
+    meta = {
+        "calibration_file": str(Path(calibration_path).resolve()),
+        "calibration_sha256": file_sha256(calibration_path),
+        "calibration_points": len(cal),
+        "model": model.name,
+        "weights_id": model.weights_id,
+        "dtype": str(model.mmdit.context_embedder.weight.dtype),
+        "gelu": model.mmdit.config.gelu,
+        "layer_paths": layer_paths,
+        "seed": int(seed),
+        "num_samples": int(num_samples),
+        "sampled_points": sampled.tolist(),
+        "sampling": "numpy default_rng(seed).choice(calibration_points, num_samples, replace=False)",
+        "batch_size": int(batch_size),
+        "num_forwards": len(batches),
+        "rows": ROWS_NOTE,
+        "cfg_scale": cal.cfg_scale,
+        "hist_spec": asdict(hist_spec),
+        "taq_version": taq.__version__,
+        "mlx_version": mx.__version__,
+    }
+    save_stats(output, stats, meta)
+    return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started,
+                          stats.layers, stats.timesteps)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration-file", required=True, help="phase 1 output (taq calibrate)")
+    parser.add_argument("--num-samples", type=int, default=512,
+                        help="calibration points drawn without replacement (default: %(default)s)")
+    parser.add_argument("--output", default="activation_stats.npz", help="output .npz (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model preset (default: %(default)s)")
+    parser.add_argument("--checkpoint", help="SD3-layout weights for the sd3-medium preset")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="points per forward, 2x rows with CFG (default: %(default)s)")
+    parser.add_argument("--layers", nargs="+", metavar="LAYER", help="only these layers, e.g. mm_00_img mm_05_txt")
+    parser.add_argument("--bins", type=int, default=HistogramSpec.bins, help="histogram bins (default: %(default)s)")
+    parser.add_argument("--hist-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        default=(HistogramSpec.lo, HistogramSpec.hi), help="histogram range (default: -8 8)")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    hist_spec = HistogramSpec(args.bins, *args.hist_range)
+    get_preset(args.model)
+    if args.model == "pocket" and args.checkpoint is not None:
+        raise ValueError("the pocket model ships its own weights; --checkpoint is for SD3-layout models")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
+    output = check_output_path(args.output)
+    cal = load_calibration(args.calibration_file)  # a bad file is reported before the model is loaded
+
+    model = load_model(args.model, checkpoint=args.checkpoint)
+    summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
+                       batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
+                       progress=True)
+    print(summary.line())
