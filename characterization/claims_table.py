@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from taq.claims import CLAIMS, THRESHOLDS
 from taq.io import atomic_path
@@ -66,8 +67,8 @@ def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(claim)
     ax.set_title(f"{claim}: {THRESHOLDS[claim].measure}", fontsize=9, wrap=True)
-    handles = [ax.bar([0], [0], color=color, label=o, width=0) for o, color in OUTCOME_COLORS.items()]
-    ax.legend(handles=[ax.get_lines()[0], *handles], fontsize=8, loc="best")
+    outcomes = [Patch(color=color, label=o) for o, color in OUTCOME_COLORS.items()]
+    ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="best")
     missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
     if missing:
         fig.text(0.01, 0.01, f"not finite (not drawn): {', '.join(missing)}", color="firebrick", fontsize=8)

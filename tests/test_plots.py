@@ -171,7 +171,8 @@ def test_taq_plot_writes_figures_and_tables_and_prints_the_table(stats, tmp_path
     assert main(["plot", "--stats-file", str(stats_file), "--output-dir", str(out), "--layers", "mm_02_img"]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[:3] == ["layer", "min", "max"] and "mm_02_img" in printed
-    assert {"summary.md", "summary.csv", "histogram_mm_02_img.png", "heatmap_std.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"summary.md", "summary.csv", "histogram_mm_02_img.png", "heatmap_std.png"} <= written
 
 
 def test_taq_plot_bad_input_exits_2_with_one_line(stats, tmp_path, capsys):

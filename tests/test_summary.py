@@ -153,6 +153,7 @@ def test_outlier_channels_are_the_widest_ceil_fraction():
     ranges = np.array([1.0, 9.0, np.nan, 3.0, 8.0, 2.0])
     np.testing.assert_array_equal(outlier_channels(ranges, 0.3), [1, 4])  # ceil(0.3 * 6) = 2
     np.testing.assert_array_equal(outlier_channels(ranges, 0.01), [1])  # at least one
+    assert outlier_channels(np.full(4, np.nan), 0.5).size == 0
     with pytest.raises(ValueError, match="outlier fraction"):
         outlier_channels(ranges, 0.0)
 

@@ -70,9 +70,9 @@ def _cell(value) -> str:
 
 
 def _short(value) -> str:
-    """Metadata value as text; long lists and dicts shortened, saying how long they are."""
+    """Metadata value as text; long lists and dicts shortened, saying how long they are (strings shown whole)."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    if len(text) <= LONG_VALUE:
+    if len(text) <= LONG_VALUE or isinstance(value, str):
         return text
     size = f" ({len(value)} items)" if isinstance(value, (list, tuple, dict)) else ""
     return text[:LONG_VALUE] + f" …{size}"

@@ -181,7 +181,8 @@ def channel_ranges(arrays: dict, layer: int) -> np.ndarray:
 
 
 def outlier_channels(ranges: np.ndarray, fraction: float = DEFAULT_OUTLIER_FRACTION) -> np.ndarray:
-    """Indices of the ceil(fraction * C) channels with the widest finite range (at least one), widest first."""
+    """Indices of the ceil(fraction * C) channels with the widest finite range (at least one unless none is
+    finite), widest first."""
     if not 0 < fraction <= 1:
         raise ValueError(f"outlier fraction must lie in (0, 1], got {fraction}")
     finite = np.flatnonzero(np.isfinite(ranges))
@@ -256,7 +257,7 @@ def summarize(stats, layers: Sequence[str] | None = None,
                                                       arrays["m2"][i].reshape(-1), axis=0))
         total = int(np.asarray(arrays["count"][i]).sum())
         ranges = channel_ranges(arrays, i)
-        outliers = outlier_channels(ranges, outlier_fraction) if np.isfinite(ranges).any() else np.array([], int)
+        outliers = outlier_channels(ranges, outlier_fraction)  # empty when no channel has data
         median = float(np.nanmedian(ranges)) if outliers.size else float("nan")
         outlier_mean = float(ranges[outliers].mean()) if outliers.size else float("nan")
         steps = per_step_range[i]

@@ -1,0 +1,245 @@
+"""Fixtures and hooks of the characterization suite; see characterization/__init__.py for what it does."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
+from taq.claims import THRESHOLDS, measure
+from taq.config import get_preset
+from taq.io import atomic_path
+from taq.models.loading import load_model
+from taq.models.mmdit import MMDiT
+from taq.profiling import StatsFile
+from taq.tracing import mmdit_layer_paths
+
+from characterization.claims_table import tally, write_claims
+from characterization.expectations import Expectations, expectations_path, load_expectations, updated
+from characterization.expectations import write_expectations
+from characterization.pipeline import SuiteRecipe, ensure_calibration, ensure_stats, get_recipe
+
+SUITE = pytest.StashKey["Suite"]()
+BENCHMARKS_FILE = "benchmarks.json"
+
+
+@dataclass
+class Suite:
+    """The session's settings (from the --taq-* options) and what the tests leave for the report."""
+
+    config: pytest.Config
+    model_name: str
+    checkpoint: str | None
+    recipe: SuiteRecipe
+    calibration_file: Path | None
+    report_dir: Path
+    cache_dir: Path
+    update_expectations: bool
+    update_baselines: bool
+    expectations: Expectations
+    records: dict[str, dict] = field(default_factory=dict)  # test node id -> claims-table row
+    stats: StatsFile | None = None
+    calibration_meta: dict | None = None
+    summary_lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "Suite":
+        root = config.rootpath
+        model_name = config.getoption("--taq-model")
+        get_preset(model_name)  # an unknown preset fails here, naming the known ones
+        calibration_file = config.getoption("--taq-calibration")
+        if calibration_file is not None and not Path(calibration_file).is_file():
+            raise pytest.UsageError(f"--taq-calibration {calibration_file}: no such file")
+        return cls(config=config, model_name=model_name, checkpoint=config.getoption("--taq-checkpoint"),
+                   recipe=get_recipe(config.getoption("--taq-recipe")),
+                   calibration_file=Path(calibration_file).resolve() if calibration_file else None,
+                   report_dir=root / config.getoption("--taq-report-dir"), cache_dir=root / ".cache" / "taq",
+                   update_expectations=config.getoption("--taq-update-expectations"),
+                   update_baselines=config.getoption("--taq-update-baselines"),
+                   expectations=load_expectations(expectations_path(model_name)))
+
+    @cached_property
+    def layers(self) -> list[str]:
+        """The model's FFN layer names, from its (lazily built, never evaluated) architecture."""
+        return list(mmdit_layer_paths(MMDiT(get_preset(self.model_name))))
+
+    def log(self, message: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[taq] {message}")
+
+    @property
+    def context(self) -> dict:
+        return {"model": self.model_name, "recipe": self.recipe.name, "weights_id": self.stats.meta.get("weights_id")
+                if self.stats else None}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "claim(name): a TaQ-DiT claim test, parametrized over the model's layers")
+    config.stash[SUITE] = Suite.from_config(config)
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("claim")
+    if marker is None or "layer" not in metafunc.fixturenames:
+        return
+    (claim,) = marker.args
+    if claim not in THRESHOLDS:
+        raise ValueError(f"{metafunc.function.__name__}: unknown claim {claim!r}")
+    suite = metafunc.config.stash[SUITE]
+    params = []
+    for layer in suite.layers:
+        marks = []
+        if suite.expectations.expected(claim, layer) is False and not suite.update_expectations:
+            marks.append(pytest.mark.xfail(strict=True, reason=(
+                f"{expectations_path(suite.model_name).name} says it does not hold for this layer; if it now "
+                "holds and that is intended, run with --taq-update-expectations")))
+        params.append(pytest.param(layer, id=layer, marks=marks))
+    metafunc.parametrize("layer", params)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    suite = item.config.stash[SUITE]
+    if report.when == "call" and item.nodeid in suite.records:
+        if report.passed:
+            result = "pass"
+        elif report.skipped and hasattr(report, "wasxfail"):
+            result = "xfail"
+        else:
+            result = "fail"
+        suite.records[item.nodeid]["outcome"] = result
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def suite(pytestconfig) -> Suite:
+    return pytestconfig.stash[SUITE]
+
+
+@pytest.fixture(scope="session")
+def model(suite):
+    return load_model(suite.model_name, checkpoint=suite.checkpoint)
+
+
+@pytest.fixture(scope="session")
+def calibration_path(suite, model) -> Path:
+    path = suite.calibration_file or ensure_calibration(model, suite.recipe, suite.cache_dir, suite.log)
+    with np.load(path) as data:  # the metadata record alone, not the (possibly large) arrays
+        suite.calibration_meta = json.loads(str(data["__meta__"]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stats_file(suite, model, calibration_path) -> StatsFile:
+    suite.stats = ensure_stats(model, calibration_path, suite.recipe, suite.cache_dir, suite.log)
+    return suite.stats
+
+
+@pytest.fixture(scope="session")
+def stats_arrays(stats_file) -> dict:
+    return stats_file.arrays
+
+
+@pytest.fixture
+def check_claim(request, suite, stats_arrays):
+    """check_claim(layer): measure the test's claim (its `claim` marker) for the layer, put the row into the claims
+    table, fail if it does not hold."""
+    claim = request.node.get_closest_marker("claim").args[0]
+
+    def check(layer: str) -> None:
+        result = measure(stats_arrays, layer, claim)
+        expected = suite.expectations.expected(claim, layer)
+        suite.records[request.node.nodeid] = {
+            "claim": claim, "layer": layer, "measured": result.value, "threshold": result.threshold,
+            "outcome": "fail", "note": result.note,
+            "expected": {True: "holds", False: "does not hold", None: "not listed"}[expected]}
+        if result.holds:
+            return
+        message = (f"{claim} does not hold for {layer}: measured {result.value:.4g} < threshold "
+                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {THRESHOLDS[claim].observation}")
+        if suite.update_expectations:
+            pytest.xfail(message)
+        if expected is None:
+            message += (f"\n{expectations_path(suite.model_name)} does not list this pair; "
+                        "add it with --taq-update-expectations")
+        pytest.fail(message, pytrace=False)
+
+    return check
+
+
+# --------------------------------------------------------------------------- end of session
+
+
+def benchmark_results(config: pytest.Config) -> dict | None:
+    """pytest-benchmark's JSON document of this session's characterization benchmarks, or None."""
+    session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's per-run state
+    if session is None or not session.benchmarks:
+        return None
+    document = config.hook.pytest_benchmark_generate_json(
+        config=config, benchmarks=session.benchmarks, include_data=False, machine_info=session.get_machine_info(),
+        commit_info=config.hook.pytest_benchmark_generate_commit_info(config=config))
+    document["benchmarks"] = [b for b in document["benchmarks"] if b["fullname"].startswith("characterization/")]
+    medians = {b["name"]: b["stats"]["median"] for b in document["benchmarks"] if b.get("stats")}
+    for bench in document["benchmarks"]:
+        untraced = bench["name"].replace("_traced", "_untraced")
+        if bench["name"].endswith("_traced") and untraced in medians and bench.get("stats"):
+            bench["extra_info"]["traced_over_untraced"] = bench["stats"]["median"] / medians[untraced]
+    return document if document["benchmarks"] else None
+
+
+def write_session_report(suite: Suite) -> None:
+    benchmarks = benchmark_results(suite.config)
+    records = list(suite.records.values())
+    if suite.stats is None and benchmarks is None:
+        return
+    suite.report_dir.mkdir(parents=True, exist_ok=True)
+    if benchmarks is not None:
+        with atomic_path(suite.report_dir / BENCHMARKS_FILE) as tmp:
+            tmp.write_text(json.dumps(benchmarks, indent=2) + "\n", encoding="utf-8")
+        suite.summary_lines.append(f"benchmarks: {suite.report_dir / BENCHMARKS_FILE}")
+    if records:
+        write_claims(records, suite.report_dir, suite.context)
+        for claim, counts in tally(records).items():
+            suite.summary_lines.append(f"{claim:24s} " + ", ".join(f"{n} {o}" for o, n in counts.items()))
+    if suite.update_expectations and records:
+        path = expectations_path(suite.model_name)
+        write_expectations(path, updated(suite.expectations, records, suite.context))
+        suite.summary_lines.append(f"expectations rewritten: {path}")
+    if suite.stats is None:
+        suite.summary_lines.append("no HTML report: this session profiled no statistics (run the claims too)")
+        return
+    from taq.report.html import write_report  # matplotlib only when a report is written
+
+    index = write_report(suite.report_dir, suite.stats, calibration_meta=suite.calibration_meta,
+                         claims=records or None, benchmarks=benchmarks, layers=list(suite.stats.stats.layers))
+    suite.summary_lines.append(f"report: {index}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    suite = session.config.stash.get(SUITE, None)
+    if suite is None:
+        return
+    try:
+        write_session_report(suite)
+    except Exception:  # the tests' outcome stays visible; the report's failure fails the run
+        suite.summary_lines.append("writing the report failed:\n" + traceback.format_exc())
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    suite = terminalreporter.config.stash.get(SUITE, None)
+    if suite is not None and suite.summary_lines:
+        terminalreporter.write_sep("-", "taq characterization")
+        for line in suite.summary_lines:
+            terminalreporter.write_line(line)

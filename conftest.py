@@ -1,0 +1,22 @@
+"""Command-line options of taq's test suites (the characterization suite's are read in characterization/conftest.py)."""
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("taq", "taq characterization suite (characterization/)")
+    group.addoption("--taq-model", default="pocket", metavar="PRESET",
+                    help="model under test: a preset name (default: pocket, the embedded default)")
+    group.addoption("--taq-checkpoint", metavar="PATH", help="SD3-layout weights for --taq-model sd3-medium")
+    group.addoption("--taq-calibration", metavar="FILE",
+                    help="use this calibration set instead of sampling (and caching) the recipe's")
+    group.addoption("--taq-recipe", choices=("ci", "paper"), default="ci",
+                    help="ci: 64 trajectories x 100 steps, 25 kept, CFG 1.5, seed 0, 512 profiled points; "
+                         "paper: the same with TaQ-DiT's 256 trajectories (default: ci)")
+    group.addoption("--taq-report-dir", default="reports/latest", metavar="DIR",
+                    help="where the HTML report, claims table and benchmark JSON go (default: reports/latest)")
+    group.addoption("--taq-update-expectations", action="store_true",
+                    help="rewrite characterization/expectations/<model>.json from this run's measurements")
+    group.addoption("--taq-update-baselines", action="store_true",
+                    help="rewrite characterization/baselines/<model>.npz from this run's statistics")
+    group.addoption("--taq-bench-sd3", action="store_true",
+                    help="run the random-weight sd3-medium benchmarks on the CPU device too (they always run on "
+                         "GPU/Metal devices)")
