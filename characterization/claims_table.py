@@ -34,6 +34,10 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")  # a bare | would end the Markdown table cell
+
+
 def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
     lines = [f"# Claims: {context.get('model', '?')} ({context.get('recipe', '?')} recipe)", "",
              "A claim holds for a layer when its measured value is >= its threshold. pass: holds, as expected; "
@@ -42,12 +46,12 @@ def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
              "| ---: | ---: | --- |"]
     for claim, counts in tally(records).items():
         lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts['pass']} | {counts['xfail']} | "
-                     f"{counts['fail']} | {THRESHOLDS[claim].value:g} | {THRESHOLDS[claim].measure} |")
+                     f"{counts['fail']} | {THRESHOLDS[claim].value:g} | {_cell(THRESHOLDS[claim].measure)} |")
     lines += ["", "| claim | layer | measured | threshold | expected | outcome | note |",
               "| --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in records:
         lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {r['threshold']:g} | "
-                     f"{r['expected']} | {r['outcome']} | {r['note']} |")
+                     f"{r['expected']} | {r['outcome']} | {_cell(r['note'])} |")
     lines += ["", "## What each threshold encodes (TaQ-DiT, arXiv:2411.14172)", ""]
     lines += [f"- **{claim}** (>= {t.value:g}): {t.observation}" for claim, t in THRESHOLDS.items()]
     return "\n".join(lines) + "\n"
@@ -62,13 +66,14 @@ def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     shown = np.where(np.isfinite(values), values, np.nan)
-    ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows])
+    bars = ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows])
+    ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(claim)
     ax.set_title(f"{claim}: {THRESHOLDS[claim].measure}", fontsize=9, wrap=True)
     outcomes = [Patch(color=color, label=o) for o, color in OUTCOME_COLORS.items()]
-    ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="best")
+    ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
     if missing:
         fig.text(0.01, 0.01, f"not finite (not drawn): {', '.join(missing)}", color="firebrick", fontsize=8)

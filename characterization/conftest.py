@@ -52,7 +52,10 @@ class Suite:
     def from_config(cls, config: pytest.Config) -> "Suite":
         root = config.rootpath
         model_name = config.getoption("--taq-model")
-        get_preset(model_name)  # an unknown preset fails here, naming the known ones
+        try:
+            get_preset(model_name)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--taq-model: {exc}") from None
         calibration_file = config.getoption("--taq-calibration")
         if calibration_file is not None and not Path(calibration_file).is_file():
             raise pytest.UsageError(f"--taq-calibration {calibration_file}: no such file")
@@ -70,9 +73,12 @@ class Suite:
         return list(mmdit_layer_paths(MMDiT(get_preset(self.model_name))))
 
     def log(self, message: str) -> None:
+        """A line on the terminal now, also from inside a fixture (output capture is suspended for it)."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"[taq] {message}")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"[taq] {message}")
 
     @property
     def context(self) -> dict:
@@ -97,9 +103,11 @@ def pytest_generate_tests(metafunc):
     for layer in suite.layers:
         marks = []
         if suite.expectations.expected(claim, layer) is False and not suite.update_expectations:
+            then = suite.expectations.measured.get((claim, layer), "?")
             marks.append(pytest.mark.xfail(strict=True, reason=(
-                f"{expectations_path(suite.model_name).name} says it does not hold for this layer; if it now "
-                "holds and that is intended, run with --taq-update-expectations")))
+                f"{expectations_path(suite.model_name).name} says it does not hold for this layer (measured {then} "
+                f"< {THRESHOLDS[claim].value:g} when written); if it now holds and that is intended, run with "
+                "--taq-update-expectations")))
         params.append(pytest.param(layer, id=layer, marks=marks))
     metafunc.parametrize("layer", params)
 
@@ -160,9 +168,11 @@ def check_claim(request, suite, stats_arrays):
     def check(layer: str) -> None:
         result = measure(stats_arrays, layer, claim)
         expected = suite.expectations.expected(claim, layer)
+        surprise = "" if suite.update_expectations or result.holds == (expected is not False) else (
+            "holds, expected not to; " if result.holds else "does not hold, expected to; ")
         suite.records[request.node.nodeid] = {
             "claim": claim, "layer": layer, "measured": result.value, "threshold": result.threshold,
-            "outcome": "fail", "note": result.note,
+            "outcome": "fail", "note": surprise + result.note,
             "expected": {True: "holds", False: "does not hold", None: "not listed"}[expected]}
         if result.holds:
             return

@@ -17,6 +17,12 @@ float rounding) continues after the last finished batch and writes the same arra
 partial file from a different recipe is refused, naming the fields that differ (delete it or pass
 `resume=False` / `--no-resume` to start over); it is removed once the output is written.
 
+Several processes (`mlx.launch -n N -- python -m taq.cli calibrate ...`, see taq.distributed): global batch k
+(trajectories [k B, (k + 1) B)) runs on rank k % N, so every batch is computed as in a single process and the
+file is byte-identical to a single process's for the same recipe and batch size. Each rank checkpoints its
+finished batches to `<output>.rank{r}of{N}.partial.npz`; a rerun with the same N resumes each rank's shard.
+Rank 0 gathers the trajectories and writes the output; a failure on any rank fails every rank, writing nothing.
+
 Real SD3: `taq calibrate --model sd3-medium --checkpoint PATH` encodes prompts with DiffusionKit's CLIP-L/G + T5
 encoders when DiffusionKit is installed (scripts/install_diffusionkit.sh), or `--embeddings FILE` reads them
 precomputed (`taq.conditioning.save_embeddings`, with "" among the prompts for the unconditional branch).
@@ -43,6 +49,8 @@ import taq
 import mlx.core as mx
 
 from taq.config import get_preset
+from taq.distributed import (World, batch_ranges, check_agreement, collective_step, current_world, fail_together,
+                             gather_buffers, shard)
 from taq.io import TaqFormatError, load_npz, save_npz
 from taq.models.loading import DEFAULT_MODEL, DEFAULT_RESOLUTION, LATENT_SCALE, Model, load_model
 from taq.sampling import RULES, SD3_SHIFT, CFGDenoiser, euler_steps, flow_sigmas, select_steps
@@ -121,11 +129,13 @@ class CalibrationSummary:
     resumed_trajectories: int  # finished trajectories taken over from a partial file
     file_bytes: int
     seconds: float
+    ranks: int = 1  # processes that shared the work
 
     def line(self) -> str:
         resumed = f", resumed after {self.resumed_trajectories} trajectories" if self.resumed_trajectories else ""
+        ranks = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         return (f"wrote {self.num_points} points ({self.num_trajectories} trajectories x {self.num_selected} steps) "
-                f"to {self.path} ({self.file_bytes / 2**20:.2f} MiB) in {self.seconds:.1f} s{resumed}")
+                f"to {self.path} ({self.file_bytes / 2**20:.2f} MiB) in {self.seconds:.1f} s{ranks}{resumed}")
 
 
 # --------------------------------------------------------------------------- sampling
@@ -172,49 +182,104 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
               num_selected: int = 25, step_selection: str = "stride", cfg_scale: float = 1.5,
               shift: float = SD3_SHIFT, resolution: Optional[int] = None, seed: int = 0, batch_size: int = 16,
               output: str | os.PathLike, resume: bool = True, progress: bool = True,
-              on_batch: Optional[Callable[[int], None]] = None) -> CalibrationSummary:
+              on_batch: Optional[Callable[[int], None]] = None, world: Optional[World] = None) -> CalibrationSummary:
     """Sample the calibration set and write it to `output` (see the module docstring for the recipe).
 
-    `on_batch(finished_trajectories)` runs after each batch is checkpointed. Every argument is checked before
-    anything is sampled or written.
+    `on_batch(finished_trajectories)` runs after each batch is checkpointed (counting this rank's trajectories).
+    Every argument is checked before anything is sampled or written. `world` defaults to the launched one.
     """
     started = time.perf_counter()
-    recipe = CalibrationRecipe(num_trajectories, num_steps, num_selected, step_selection, float(cfg_scale),
-                               float(shift), seed, batch_size)
-    prompts = check_prompts(prompts)
-    resolution = model.default_resolution if resolution is None else resolution
-    latent_shape = model.latent_shape(resolution)
-    output = check_output_path(output)
-    partial = partial_path(output)
+    world = current_world() if world is None else world
+    with collective_step(world, "checking the inputs") as setup:
+        recipe = CalibrationRecipe(num_trajectories, num_steps, num_selected, step_selection, float(cfg_scale),
+                                   float(shift), seed, batch_size)
+        prompts = check_prompts(prompts)
+        resolution = model.default_resolution if resolution is None else resolution
+        latent_shape = model.latent_shape(resolution)
+        output = check_output_path(output)
+        partial = partial_path(output, world)
+        cs, cs_pooled = (np.array(a.astype(mx.float32)) for a in model.encode(prompts))
+        cs_uncond, cs_pooled_uncond = (np.array(a.astype(mx.float32))[0]
+                                       for a in model.encode([UNCONDITIONAL_PROMPT]))
+        fingerprint = _fingerprint(recipe, model, prompts, resolution, latent_shape,
+                                   (cs, cs_pooled, cs_uncond, cs_pooled_uncond))
+        all_batches = batch_ranges(num_trajectories, batch_size)
+        batches = shard(all_batches, world)
+        # (this rank's T, K, H, W, C): its trajectories in batch order, filled one batch at a time
+        trajectories = np.empty((sum(map(len, batches)), num_selected) + latent_shape, dtype=np.float32)
+        record = fingerprint if world.size == 1 else {**fingerprint, "shard": world.label}
+        done = _load_partial(partial, record, trajectories, batches) if resume and partial.exists() else 0
+        setup.value = {"fingerprint": fingerprint, "resumed": done}
+    check_agreement([value["fingerprint"] for value in setup.values], "the calibration recipe")
 
-    cs, cs_pooled = (np.array(a.astype(mx.float32)) for a in model.encode(prompts))
-    cs_uncond, cs_pooled_uncond = (np.array(a.astype(mx.float32))[0] for a in model.encode([UNCONDITIONAL_PROMPT]))
-    fingerprint = _fingerprint(recipe, model, prompts, resolution, latent_shape,
-                               (cs, cs_pooled, cs_uncond, cs_pooled_uncond))
+    kept = (f"each rank's finished batches are kept in {output.name}.rank*of{world.size}.partial.npz; "
+            "rerun the same command to resume")
+    desc = "calibrate" if world.size == 1 else f"calibrate ({world.label})"
+    with collective_step(world, "sampling", note=f"nothing was written to {output}; {kept}"):
+        _sample_batches(model, recipe, cs, cs_pooled, (cs_uncond, cs_pooled_uncond), latent_shape, batches,
+                        trajectories, done, partial, record, on_batch, progress=progress and world.is_root, desc=desc)
+    if world.size > 1:
+        trajectories = _gather_trajectories(world, trajectories, all_batches)
+
+    with collective_step(world, "writing the calibration set", note=f"{output} was not written; {kept}") as written:
+        if world.is_root:
+            _write_set(output, trajectories, recipe, fingerprint, prompts,
+                       (cs, cs_pooled, cs_uncond, cs_pooled_uncond), world)
+            written.value = output.stat().st_size
+    partial.unlink(missing_ok=True)
+    return CalibrationSummary(output, num_trajectories * num_selected, num_trajectories, num_selected,
+                              sum(value["resumed"] for value in setup.values), written.values[0],
+                              time.perf_counter() - started, world.size)
+
+
+def _sample_batches(model: Model, recipe: CalibrationRecipe, cs: np.ndarray, cs_pooled: np.ndarray,
+                    uncond: tuple[np.ndarray, np.ndarray], latent_shape: tuple[int, ...], batches: list[range],
+                    trajectories: np.ndarray, done: int, partial: Path, record: dict,
+                    on_batch: Optional[Callable[[int], None]], *, progress: bool, desc: str) -> None:
+    """Sample `batches` (trajectory ranges) into `trajectories`, whose first `done` rows are finished already;
+    checkpoint to `partial` after every batch."""
     selected, sigmas = recipe.selected_steps, recipe.sigmas
-
-    # (T, K, H, W, C): the output itself, filled one batch at a time
-    trajectories = np.empty((num_trajectories, num_selected) + latent_shape, dtype=np.float32)
-    done = _load_partial(partial, fingerprint, trajectories) if resume and partial.exists() else 0
-    resumed = done
     cond_tokens, cond_pooled = mx.array(cs), mx.array(cs_pooled)
-    uncond = (mx.array(cs_uncond[None]), mx.array(cs_pooled_uncond[None]))
-    with tqdm(total=num_trajectories, initial=done, unit="traj", desc="calibrate", disable=not progress) as bar:
-        while done < num_trajectories:
-            stop = min(done + batch_size, num_trajectories)
-            rows = mx.array(np.arange(done, stop) % len(prompts))
+    uncond = (mx.array(uncond[0][None]), mx.array(uncond[1][None]))
+    finished = 0
+    with tqdm(total=len(trajectories), initial=done, unit="traj", desc=desc, disable=not progress) as bar:
+        for batch in batches:
+            stop = finished + len(batch)
+            if stop <= done:  # checkpointed by an earlier run
+                finished = stop
+                continue
+            rows = mx.array(np.asarray(batch) % cs.shape[0])
             denoiser = CFGDenoiser(model.mmdit, (cond_tokens[rows], cond_pooled[rows]), uncond, recipe.cfg_scale)
-            noise = mx.array(np.stack([trajectory_noise(seed, i, latent_shape) for i in range(done, stop)]))
-            trajectories[done:stop] = sample_selected_steps(denoiser, noise, sigmas, selected)
+            noise = mx.array(np.stack([trajectory_noise(recipe.seed, i, latent_shape) for i in batch]))
+            trajectories[finished:stop] = sample_selected_steps(denoiser, noise, sigmas, selected)
             # Rewrites every finished trajectory each time (simple and atomic; I/O ~ T^2 / B, small next to sampling).
-            save_npz(partial, {"xs": trajectories[:stop]}, {"recipe": fingerprint, "finished": stop},
+            save_npz(partial, {"xs": trajectories[:stop]}, {"recipe": record, "finished": stop},
                      kind=PARTIAL_KIND, version=PARTIAL_VERSION)
-            bar.update(stop - done)
-            done = stop
+            bar.update(len(batch))
+            finished = stop
             if on_batch is not None:
-                on_batch(done)
+                on_batch(finished)
 
-    trajectory_indices, positions = shuffled_points(num_trajectories, num_selected, seed)
+
+def _gather_trajectories(world: World, trajectories: np.ndarray, all_batches: list[range]) -> Optional[np.ndarray]:
+    """Every rank's (its T, K, H, W, C) trajectories put in trajectory order on rank 0 (None on the others)."""
+    buffers = gather_buffers(world, trajectories)
+    if buffers is None:
+        return None
+    full = np.empty((all_batches[-1].stop,) + trajectories.shape[1:], dtype=np.float32)
+    for rank, buffer in enumerate(buffers):
+        indices = [i for batch in shard(all_batches, World(rank, world.size)) for i in batch]
+        full[indices] = buffer.view(np.float32).reshape((len(indices),) + trajectories.shape[1:])
+    return full
+
+
+def _write_set(output: Path, trajectories: np.ndarray, recipe: CalibrationRecipe, fingerprint: dict,
+               prompts: list[str], embeddings: tuple[np.ndarray, ...], world: World) -> None:
+    """Shuffle the (T, K, H, W, C) trajectories into points and write the calibration file atomically."""
+    num_trajectories, num_selected = trajectories.shape[:2]
+    selected, sigmas = recipe.selected_steps, recipe.sigmas
+    cs, cs_pooled, cs_uncond, cs_pooled_uncond = embeddings
+    trajectory_indices, positions = shuffled_points(num_trajectories, num_selected, recipe.seed)
     step_indices = np.asarray(selected, dtype=np.int64)[positions]
     arrays = {
         "xs": trajectories[trajectory_indices, positions],  # (P, H, W, C); a second copy of the output, briefly
@@ -239,15 +304,15 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
         "mlx_version": mx.__version__,
         "platform": f"{platform.system()} {platform.machine()}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"ranks": world.size} if world.size > 1 else {}),
     }
     save_npz(output, arrays, meta, kind=KIND, version=VERSION)
-    partial.unlink(missing_ok=True)
-    return CalibrationSummary(output, num_trajectories * num_selected, num_trajectories, num_selected, resumed,
-                              output.stat().st_size, time.perf_counter() - started)
 
 
-def partial_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial.npz")
+def partial_path(output: Path, world: World = World()) -> Path:
+    """Where a run checkpoints its finished trajectories: one file per rank when several share the work."""
+    suffix = ".partial.npz" if world.size == 1 else f".rank{world.rank}of{world.size}.partial.npz"
+    return output.with_name(output.name + suffix)
 
 
 def _fingerprint(recipe: CalibrationRecipe, model: Model, prompts: list[str], resolution: int,
@@ -262,8 +327,9 @@ def _fingerprint(recipe: CalibrationRecipe, model: Model, prompts: list[str], re
     return json.loads(json.dumps(record))
 
 
-def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray) -> int:
-    """Copy a matching partial file's finished trajectories into `trajectories`; return how many there are."""
+def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray, batches: list[range]) -> int:
+    """Copy a matching partial file's finished trajectories (whole `batches`, in order) into `trajectories`;
+    return how many there are."""
     start_over = "delete it or pass --no-resume to start over"
     try:
         arrays, meta = load_npz(path, kind=PARTIAL_KIND, version=PARTIAL_VERSION, required={"xs": 5})
@@ -279,6 +345,9 @@ def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray) -> in
     if xs.dtype != np.float32 or xs.shape[1:] != trajectories.shape[1:] or finished > trajectories.shape[0]:
         raise TaqFormatError(f"{path}: xs has {xs.dtype} {xs.shape}, expected float32 (<= "
                              f"{trajectories.shape[0]},) + {trajectories.shape[1:]}; {start_over}")
+    if finished not in np.cumsum([0] + [len(batch) for batch in batches]):
+        raise TaqFormatError(f"{path}: holds {finished} trajectories, not a whole number of this run's batches; "
+                             f"{start_over}")
     trajectories[:finished] = xs
     return finished
 
@@ -450,6 +519,8 @@ def run_cli(args: argparse.Namespace) -> None:
     output = check_output_path(args.output)
 
     model = load_model(args.model, checkpoint=args.checkpoint, embeddings=args.embeddings)
-    summary = calibrate(model, prompts, **asdict(recipe), resolution=resolution, output=output,
-                        resume=not args.no_resume)
-    print(summary.line())
+    with fail_together("calibrate"):
+        summary = calibrate(model, prompts, **asdict(recipe), resolution=resolution, output=output,
+                            resume=not args.no_resume)
+    if current_world().is_root:
+        print(summary.line())

@@ -9,11 +9,18 @@ points runs as 2B rows, as the seed's CFG doubling: rows [0:B] carry the points'
 the unconditional ones; both halves are counted in the statistics (the file's metadata says so).
 
 The same seed, calibration file, model and batch size give byte-identical statistics arrays.
+
+Several processes (`mlx.launch -n N -- python -m taq.cli profile ...`, see taq.distributed): every rank plans the
+same forward batches and runs batch k when k % N is its rank; rank 0 gathers the per-rank statistics and merges
+them in rank order (`taq.distributed.gather_stats`: float64 arrays sent as raw bytes, Chan's update in float64).
+Counts, histograms, min and max equal a single process's exactly; mean and std differ by float64 rounding only.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -29,10 +36,12 @@ import mlx.core as mx
 
 from taq.calibration import CalibrationSet, check_output_path, load_calibration
 from taq.config import get_preset
+from taq.distributed import (World, check_agreement, collective_step, current_world, fail_together, gather_stats,
+                             shard)
 from taq.io import TaqFormatError, file_sha256, load_npz, save_npz
 from taq.models.loading import DEFAULT_MODEL, Model, load_model
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
-from taq.tracing.stats import CELL_COUNTERS
+from taq.tracing.stats import CELL_COUNTERS, timestep_key
 
 KIND, VERSION = "taq-stats", 1
 ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
@@ -165,44 +174,80 @@ class ProfileSummary:
     seconds: float
     layers: tuple[str, ...]
     timesteps: tuple[float, ...]
+    ranks: int = 1  # processes that shared the work
 
     def line(self) -> str:
+        ranks = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         return (f"wrote statistics of {len(self.layers)} layers x {len(self.timesteps)} timesteps from "
-                f"{self.num_samples} points ({self.num_forwards} forwards) to {self.path} in {self.seconds:.1f} s")
+                f"{self.num_samples} points ({self.num_forwards} forwards) to {self.path} in {self.seconds:.1f} s"
+                f"{ranks}")
 
 
 def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: int = 512, seed: int = 0,
             batch_size: int = 32, layers: Optional[Sequence[str]] = None, hist_spec: HistogramSpec = HistogramSpec(),
-            output: str | os.PathLike, progress: bool = True) -> ProfileSummary:
+            output: str | os.PathLike, progress: bool = True, world: Optional[World] = None) -> ProfileSummary:
     """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
 
-    Everything is checked before the first forward; nothing is written unless the whole run succeeds.
+    Everything is checked before the first forward; nothing is written unless the whole run succeeds (on every
+    rank, when `world`, by default the launched one, has several).
     """
     output = check_output_path(output)
     return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
-                    batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress)
+                    batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress,
+                    world=world)
 
 
 def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, *, num_samples: int, seed: int,
              batch_size: int, layers: Optional[Sequence[str]], hist_spec: HistogramSpec, output: Path,
-             progress: bool) -> ProfileSummary:
+             progress: bool, world: Optional[World] = None) -> ProfileSummary:
     started = time.perf_counter()
-    if layers is not None and len(layers) == 0:
-        raise ValueError("layers is empty; give at least one layer name, or None for all")
-    layer_paths = mmdit_layer_paths(model.mmdit, layers)
-    check_calibration_fits(cal, model, str(calibration_path))
-    batches = plan_batches(cal, num_samples, seed, batch_size)
+    world = current_world() if world is None else world
+    with collective_step(world, "checking the inputs") as setup:
+        if layers is not None and len(layers) == 0:
+            raise ValueError("layers is empty; give at least one layer name, or None for all")
+        layer_paths = mmdit_layer_paths(model.mmdit, layers)
+        check_calibration_fits(cal, model, str(calibration_path))
+        batches = plan_batches(cal, num_samples, seed, batch_size)
+        setup.value = _run_record(model, cal, layer_paths, hist_spec, batches)
+    check_agreement(setup.values, "the profiling run")
 
-    stats = ActivationStats(hist_spec, layer_paths)
-    with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
-            tqdm(total=num_samples, unit="pt", desc="profile", disable=not progress) as bar:
-        for batch in batches:
-            tracer.timestep = batch.timestep
-            tracer.flush(model.mmdit(*batch_inputs(cal, batch)))
-            bar.update(len(batch.points))
+    mine = shard(batches, world)
+    with collective_step(world, "tracing", note=f"nothing was written to {output}"):
+        stats = ActivationStats(hist_spec, layer_paths)
+        desc = "profile" if world.size == 1 else f"profile ({world.label})"
+        with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
+                tqdm(total=sum(len(batch.points) for batch in mine), unit="pt", desc=desc,
+                     disable=not (progress and world.is_root)) as bar:
+            for batch in mine:
+                tracer.timestep = batch.timestep
+                tracer.flush(model.mmdit(*batch_inputs(cal, batch)))
+                bar.update(len(batch.points))
+    stats = gather_stats(world, stats)  # merged on rank 0, None on the others
 
+    with collective_step(world, "writing the statistics", note=f"{output} was not written"):
+        if world.is_root:
+            save_stats(output, stats, _stats_meta(model, cal, calibration_path, layer_paths, seed, num_samples,
+                                                  batch_size, hist_spec, batches, world))
+    timesteps = tuple(sorted({timestep_key(batch.timestep) for batch in batches}))
+    return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started,
+                          tuple(layer_paths), timesteps, world.size)
+
+
+def _run_record(model: Model, cal: CalibrationSet, layer_paths: dict, hist_spec: HistogramSpec,
+                batches: list[ForwardBatch]) -> dict:
+    """What every rank must agree on before its shard's statistics can be merged with the others'."""
+    plan = hashlib.sha256(np.concatenate([batch.points for batch in batches]).astype(np.int64).tobytes())
+    return {"model": model.name, "weights_id": model.weights_id, "layer_paths": layer_paths,
+            "hist_spec": asdict(hist_spec), "calibration": hashlib.sha256(json.dumps(cal.meta, sort_keys=True)
+                                                                          .encode()).hexdigest(),
+            "calibration_points": len(cal), "plan": plan.hexdigest()}
+
+
+def _stats_meta(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, layer_paths: dict,
+                seed: int, num_samples: int, batch_size: int, hist_spec: HistogramSpec,
+                batches: list[ForwardBatch], world: World) -> dict:
     sampled = np.sort(np.concatenate([batch.points for batch in batches]))
-    meta = {
+    return {
         "calibration_file": str(Path(calibration_path).resolve()),
         "calibration_sha256": file_sha256(calibration_path),
         "calibration_points": len(cal),
@@ -222,10 +267,9 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
         "hist_spec": asdict(hist_spec),
         "taq_version": taq.__version__,
         "mlx_version": mx.__version__,
+        **({"ranks": world.size, "merge": "per-rank float64 statistics merged on rank 0 in rank order"}
+           if world.size > 1 else {}),
     }
-    save_stats(output, stats, meta)
-    return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started,
-                          stats.layers, stats.timesteps)
 
 
 # --------------------------------------------------------------------------- command line
@@ -258,7 +302,9 @@ def run_cli(args: argparse.Namespace) -> None:
     cal = load_calibration(args.calibration_file)  # a bad file is reported before the model is loaded
 
     model = load_model(args.model, checkpoint=args.checkpoint)
-    summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
-                       batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
-                       progress=True)
-    print(summary.line())
+    with fail_together("profile"):
+        summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
+                           batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
+                           progress=True)
+    if current_world().is_root:
+        print(summary.line())
