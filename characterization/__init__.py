@@ -7,7 +7,7 @@ against committed baselines, and sampler benchmarks. Run it from the repository 
 
 What a session does
 -------------------
-1. Data (session fixtures in conftest.py, code in pipeline.py). The model under test (`--taq-model`, default
+1. Data (session fixtures in conftest.py, code in taq/pipeline.py). The model under test (`--taq-model`, default
    `pocket`; `--taq-checkpoint PATH` for SD3-layout weights) samples the recipe's calibration set -- ci: 64
    trajectories x 100 Euler steps, 25 kept with TaQ-DiT's stride, CFG 1.5, seed 0; paper: 256 trajectories --
    and 512 of its points are profiled into per-(layer, timestep) statistics. Both are cached under

@@ -23,7 +23,7 @@ from taq.tracing import mmdit_layer_paths
 from characterization.claims_table import tally, write_claims
 from characterization.expectations import Expectations, expectations_path, load_expectations, updated
 from characterization.expectations import write_expectations
-from characterization.pipeline import SuiteRecipe, ensure_calibration, ensure_stats, get_recipe
+from taq.pipeline import Recipe, ensure_calibration, ensure_stats, get_recipe
 
 SUITE = pytest.StashKey["Suite"]()
 BENCHMARKS_FILE = "benchmarks.json"
@@ -36,7 +36,7 @@ class Suite:
     config: pytest.Config
     model_name: str
     checkpoint: str | None
-    recipe: SuiteRecipe
+    recipe: Recipe
     calibration_file: Path | None
     report_dir: Path
     cache_dir: Path

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from characterization.pipeline import (
-    PERTURBATION_SCALE, PERTURBED_LAYER, PERTURBED_PARAMETER, ensure_stats, perturbed_model,
-)
+from characterization.perturbation import PERTURBATION_SCALE, PERTURBED_LAYER, PERTURBED_PARAMETER, perturbed_model
+from taq.pipeline import ensure_stats
 from characterization.regression import Baseline, compare, load_baseline, make_baseline, save_baseline
 
 BASELINES_DIR = Path(__file__).resolve().parent / "baselines"

@@ -37,6 +37,7 @@ STAGES = {
     "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
     "profile": ("taq.profiling", "phase 2: trace post-GELU FFN activations into statistics"),
     "plot": ("taq.report.plots", "figures and summary tables from a stats file"),
+    "report": ("taq.pipeline", "the main job: calibrate, profile, measure the claims, write the HTML report"),
     "bench": ("taq.bench", "time one CFG step, untraced and traced, as JSON"),
 }
 

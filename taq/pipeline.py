@@ -1,6 +1,6 @@
-"""The suite's data: calibration set and statistics for a model and recipe, cached on disk under a content key.
+"""The whole pipeline, calibrate -> profile -> claims -> report (`taq report`), with its data cached on disk.
 
-A cache entry's name carries a hash of everything that decides its contents (model name and weights, recipe,
+The characterization suite (characterization/) uses the same recipes and cache. A cache entry's name carries a hash of everything that decides its contents (model name and weights, recipe,
 seeds, file format versions), so a second run reuses it and any change makes a new one; entries are written
 atomically by `calibrate` / `profile`, and an unreadable one is made again.
 """
@@ -13,9 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 
 from taq import calibration, profiling
 from taq.calibration import CalibrationRecipe, calibrate, default_prompts
@@ -26,8 +23,8 @@ from taq.tracing import HistogramSpec
 
 
 @dataclass(frozen=True)
-class SuiteRecipe:
-    """How the suite makes its data: TaQ-DiT's calibration recipe (trajectories, steps, selection, CFG, seed)
+class Recipe:
+    """How the pipeline makes its data: TaQ-DiT's calibration recipe (trajectories, steps, selection, CFG, seed)
     and how many of the calibration points are profiled."""
 
     name: str
@@ -39,21 +36,16 @@ class SuiteRecipe:
 
 RECIPES = {
     # CI: a quarter of the paper's trajectories keeps a cold run of the suite within minutes on 2 CPU cores.
-    "ci": SuiteRecipe("ci", CalibrationRecipe(num_trajectories=64, num_steps=100, num_selected=25,
-                                              step_selection="stride", cfg_scale=1.5, seed=0, batch_size=16)),
-    "paper": SuiteRecipe("paper", CalibrationRecipe(num_trajectories=256, num_steps=100, num_selected=25,
-                                                    step_selection="stride", cfg_scale=1.5, seed=0, batch_size=16)),
+    "ci": Recipe("ci", CalibrationRecipe(num_trajectories=64, num_steps=100, num_selected=25,
+                                         step_selection="stride", cfg_scale=1.5, seed=0, batch_size=16)),
+    "paper": Recipe("paper", CalibrationRecipe(num_trajectories=256, num_steps=100, num_selected=25,
+                                               step_selection="stride", cfg_scale=1.5, seed=0, batch_size=16)),
 }
-
-# The regression test's deliberate perturbation: one FFN's first projection, scaled.
-PERTURBED_PARAMETER = "joint_blocks.2.x_block.mlp.fc1.weight"
-PERTURBED_LAYER = "mm_02_img"
-PERTURBATION_SCALE = 1.05
 
 Log = Callable[[str], None]
 
 
-def get_recipe(name: str) -> SuiteRecipe:
+def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
@@ -76,7 +68,7 @@ def _readable(path: Path, load: Callable[[Path], object], log: Log) -> bool:
         return False
 
 
-def ensure_calibration(model: Model, recipe: SuiteRecipe, cache_dir: Path, log: Log) -> Path:
+def ensure_calibration(model: Model, recipe: Recipe, cache_dir: Path, log: Log, progress: bool = False) -> Path:
     """The recipe's calibration set for `model` at its default resolution, sampled once and cached."""
     record = {"kind": calibration.KIND, "version": calibration.VERSION, "model": model.name,
               "weights_id": model.weights_id, "resolution": model.default_resolution,
@@ -88,13 +80,13 @@ def ensure_calibration(model: Model, recipe: SuiteRecipe, cache_dir: Path, log: 
     log(f"sampling the {recipe.name} calibration set of {model.name} ({cal.num_trajectories} trajectories x "
         f"{cal.num_steps} steps, {cal.num_selected} kept, CFG {cal.cfg_scale}) into {path}")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    summary = calibrate(model, default_prompts(model.name), **asdict(cal), output=path, progress=False)
+    summary = calibrate(model, default_prompts(model.name), **asdict(cal), output=path, progress=progress)
     log(summary.line())
     return path
 
 
-def ensure_stats(model: Model, calibration_path: Path, recipe: SuiteRecipe, cache_dir: Path, log: Log,
-                 variant: str = "as loaded") -> StatsFile:
+def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir: Path, log: Log,
+                 variant: str = "as loaded", progress: bool = False) -> StatsFile:
     """Statistics of `model` over `recipe.num_samples` points of the calibration set, profiled once and cached.
     `variant` names a modified model (its weights_id is still that of the file it was loaded from)."""
     spec = HistogramSpec()
@@ -107,7 +99,7 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: SuiteRecipe, cach
         log(f"profiling {recipe.num_samples} points of {calibration_path.name} with {model.name} ({variant})")
         cache_dir.mkdir(parents=True, exist_ok=True)
         summary = profile(model, calibration_path, num_samples=recipe.num_samples, seed=recipe.profile_seed,
-                          batch_size=recipe.profile_batch_size, hist_spec=spec, output=path, progress=False)
+                          batch_size=recipe.profile_batch_size, hist_spec=spec, output=path, progress=progress)
         log(summary.line())
     stats = load_stats(path)
     stats.meta["cache_file"] = str(path)
@@ -115,13 +107,43 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: SuiteRecipe, cach
     return stats
 
 
-def perturbed_model(name: str, checkpoint=None, parameter: str = PERTURBED_PARAMETER,
-                    scale: float = PERTURBATION_SCALE) -> Model:
-    """A fresh copy of the model with one parameter multiplied by `scale`."""
-    model = load_model(name, checkpoint=checkpoint)
-    parameters = dict(tree_flatten(model.mmdit.parameters()))
-    if parameter not in parameters:
-        raise ValueError(f"{name} has no parameter {parameter!r}")
-    model.mmdit.update(tree_unflatten([(parameter, parameters[parameter] * scale)]))
-    mx.eval(model.mmdit.parameters())
-    return model
+def claim_rows(arrays: dict) -> list[dict]:
+    """Every claim for every layer as report rows (outcome: whether the measured value meets the threshold)."""
+    from taq.claims import measure_all
+
+    return [{"claim": m.claim, "layer": m.layer, "measured": m.value, "threshold": m.threshold,
+             "outcome": "holds" if m.holds else "does not hold", "note": m.note} for m in measure_all(arrays)]
+
+
+def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, log: Log = print) -> Path:
+    """Calibrate and profile (each reused from the cache when done before), measure the claims, write the report."""
+    from taq.calibration import load_calibration
+    from taq.report.html import write_report
+
+    calibration_path = ensure_calibration(model, recipe, cache_dir, log, progress=True)
+    stats = ensure_stats(model, calibration_path, recipe, cache_dir, log, progress=True)
+    log("measuring the claims and drawing the figures")
+    return write_report(report_dir, stats, calibration_meta=load_calibration(calibration_path).meta,
+                        claims=claim_rows(stats.arrays))
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--model", default="pocket", help="preset (default: the embedded pocket model)")
+    parser.add_argument("--checkpoint", default=None, help="SD3-layout weights for --model sd3-medium")
+    parser.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                        help="paper: 256 trajectories (TaQ-DiT); ci: 64 (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=Path("reports/pocket"), help="the report directory")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/taq"), help="calibration and stats cache")
+
+
+def run_cli(args) -> None:
+    import time
+
+    started = time.perf_counter()
+    recipe = get_recipe(args.recipe)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"--output-dir {args.output_dir} exists and is not a directory")
+    model = load_model(args.model, checkpoint=args.checkpoint)
+    index = run_report(model, recipe, args.output_dir, args.cache_dir)
+    print(f"report written in {time.perf_counter() - started:.0f} s:")
+    print(index.resolve())
