@@ -130,7 +130,7 @@ def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, 
 def configure_parser(parser) -> None:
     parser.add_argument("--model", default="pocket", help="preset (default: the embedded pocket model)")
     parser.add_argument("--checkpoint", default=None, help="SD3-layout weights for --model sd3-medium")
-    parser.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+    parser.add_argument("--recipe", default="ci", choices=sorted(RECIPES),
                         help="paper: 256 trajectories (TaQ-DiT); ci: 64 (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("reports/pocket"), help="the report directory")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/taq"), help="calibration and stats cache")

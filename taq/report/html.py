@@ -154,7 +154,8 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
     if not claims:
         return "<p>The claims suite ran but reported no claims.</p>"
     outcomes = [str(c.get("outcome", "")).lower() for c in claims]
-    tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(["pass", "xfail", "fail", *outcomes]))
+    known_first = [o for o in ("pass", "xfail", "fail") if o in outcomes] + outcomes
+    tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(known_first))
     head = "".join(f"<th>{_e(c)}</th>" for c in CLAIM_COLUMNS)
     rows = []
     for claim, outcome in zip(claims, outcomes):
