@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -467,8 +468,10 @@ def check_output_path(output: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"output directory {parent} does not exist")
     if not parent.is_dir():
         raise ValueError(f"output directory {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only file systems
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        raise PermissionError(f"output directory {parent} is not writable") from None
     return output
 
 
