@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -285,7 +284,7 @@ def test_a_failing_rank_fails_the_run_and_a_rerun_resumes_the_finished_shard(sin
     blocker.mkdir()  # rank 1 cannot checkpoint its first batch
     result = launch("-m", "taq.cli", "calibrate", *CALIBRATE, "--no-resume", "--output", str(output))
     assert sorted(rank_exit_codes(result)) == [0, 1] and 0 not in rank_exit_codes(result).values(), result.stderr
-    assert f"taq calibrate: error: rank 1 of 2 failed while sampling: IsADirectoryError" in result.stderr
+    assert "taq calibrate: error: rank 1 of 2 failed while sampling: IsADirectoryError" in result.stderr
     assert "rerun the same command to resume" in result.stderr and summary_lines(result) == []
     assert not output.exists()
     with np.load(partial_path(output, World(0, 2))) as partial:  # rank 0 finished its shard and kept it
