@@ -6,7 +6,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec, compiled_reducer, reduce_batch
+from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, HistogramSpec, compiled_reducer,
+                               pack_reductions, reduce_batch, unpack_reductions)
 
 RTOL = 1e-5
 SPEC = HistogramSpec()
@@ -334,3 +335,16 @@ def test_the_compiled_reduction_equals_the_eager_one():
                                     "slots", "signs"), compiled.arrays(), eager.arrays()):
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-6, atol=1e-6, err_msg=name)
     assert compiled_reducer(SPEC) is compiled_reducer(HistogramSpec())  # one compiled function per spec
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 7)), min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_packed_reductions_unpack_to_the_same_fields(shapes, seed):
+    rng = np.random.default_rng(seed)
+    reductions = [reduce_batch(mx.array(rng.standard_normal((rows, channels)).astype(np.float32)), HistogramSpec(8))
+                  for rows, channels in shapes]
+    floats, ints = pack_reductions(reductions)
+    sizes = [(r.count.shape[0], r.slots.shape[0]) for r in reductions]
+    for original, unpacked in zip(reductions, unpack_reductions(np.array(floats), np.array(ints), sizes)):
+        for name in BatchReduction.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(unpacked, name), np.array(getattr(original, name)), err_msg=name)

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import taq  # noqa: F401  (first: loads a fast BLAS before mlx.core)
 import mlx.core as mx
@@ -8,8 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from taq.config import get_preset
+from taq.models.fused import GELU
 from taq.models.mmdit import MMDiT
-from taq.tracing import ActivationStats, CellStats, RecordingModule, mmdit_layer_paths, trace_ffn_activations
+from taq.tracing import (ActivationStats, CellStats, HistogramSpec, RecordingModule, compiled_reducer, mmdit_layer_paths,
+                         reduce_batch, trace_ffn_activations)
 from taq.tracing import tracer as tracer_module
 
 GELU_FORMS = {"exact": "none", "tanh": "precise"}  # MLX's names
@@ -98,9 +101,9 @@ def parameter_keys(model) -> list[str]:
     return [k for k, _ in tree_flatten(model.parameters())]
 
 
-def traced(model, paths, inputs_by_timestep, stats=None, compile=None):
+def traced(model, paths, inputs_by_timestep, stats=None, reduce=None):
     stats = stats or ActivationStats()
-    with trace_ffn_activations(model, paths, stats, compile=compile) as tracer:
+    with trace_ffn_activations(model, paths, stats, reduce) as tracer:
         outs = []
         for t, inputs in inputs_by_timestep:
             tracer.timestep = t
@@ -212,10 +215,10 @@ def test_recorded_statistics_equal_a_numpy_reference(toy):
             assert cell.negative == np.count_nonzero(flat < 0)
 
 
-def test_one_eval_per_flush_covers_every_layer(toy, monkeypatch):
+def test_one_evaluation_per_flush_covers_every_layer_and_merging_is_pipelined(toy, monkeypatch):
     calls = []
-    real_eval = mx.eval
-    monkeypatch.setattr(tracer_module.mx, "eval", lambda *a: (calls.append(a), real_eval(*a))[1])
+    real_async_eval = mx.async_eval
+    monkeypatch.setattr(tracer_module.mx, "async_eval", lambda *a: (calls.append(a), real_async_eval(*a))[1])
     paths = mmdit_layer_paths(toy)
     stats = ActivationStats()
     with trace_ffn_activations(toy, paths, stats) as tracer:
@@ -223,7 +226,22 @@ def test_one_eval_per_flush_covers_every_layer(toy, monkeypatch):
         out = toy(*toy_inputs(0))
         assert tracer.pending == len(paths) and len(stats) == 0 and not calls
         tracer.flush(out)
-        assert tracer.pending == 0 and len(calls) == 1 and len(stats) == len(paths)
+        assert tracer.pending == 0 and len(calls) == 1 and len(stats) == 0  # in flight, merged by the next flush
+        tracer.timestep = 4
+        tracer.flush(toy(*toy_inputs(1)))
+        assert len(calls) == 2
+        tracer.sync()
+        assert len(stats) == 2 * len(paths) and stats.timesteps == (3.0, 4.0)
+
+
+def test_a_failing_merge_surfaces_at_sync_and_nothing_is_left_running(toy):
+    stats = ActivationStats()
+    stats.update("mm_00_img", 3.0, CellStats.empty(99, stats.spec))  # 99 channels: the toy's 16 cannot merge
+    with pytest.raises(ValueError, match="channels"):
+        with trace_ffn_activations(toy, mmdit_layer_paths(toy), stats) as tracer:
+            tracer.timestep = 3
+            tracer.flush(toy(*toy_inputs(0)))
+    assert tracer._merger is None and "mm_00_img" in stats.layers
 
 
 def test_reductions_left_pending_are_flushed_on_exit(toy):
@@ -253,8 +271,9 @@ def test_compiled_reductions_record_what_eager_ones_do():
     mx.random.seed(6)
     toy = ToyMMDiT()
     inputs = [(10.0, toy_inputs(20, text_tokens=6))]  # one activation shape: one compilation
-    (eager, (out_eager,)), (fused, (out_fused,)) = (traced(toy, mmdit_layer_paths(toy), inputs, compile=c)
-                                                    for c in (False, True))
+    spec = HistogramSpec()
+    (eager, (out_eager,)), (fused, (out_fused,)) = (traced(toy, mmdit_layer_paths(toy), inputs, reduce=r)
+                                                    for r in (partial(reduce_batch, spec=spec), compiled_reducer(spec)))
     for a, b in zip(out_eager, out_fused):
         np.testing.assert_array_equal(np.array(a), np.array(b))
     for key, cell in eager.items():
@@ -262,6 +281,37 @@ def test_compiled_reductions_record_what_eager_ones_do():
             np.testing.assert_array_equal(getattr(fused[key], name), getattr(cell, name))
         np.testing.assert_allclose(fused[key].mean, cell.mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(fused[key].std, cell.std, rtol=1e-6)
+
+
+def test_a_compiled_traced_forward_records_every_call_as_the_eager_one():
+    mx.random.seed(7)
+    toy = ToyMMDiT()
+    # Two timesteps of one shape (the second call reuses the graph), then a new shape (mx.compile retraces).
+    inputs = [(10.0, toy_inputs(30)), (20.0, toy_inputs(31)), (10.0, toy_inputs(32, batch=3, text_tokens=5))]
+    paths = mmdit_layer_paths(toy)
+    eager, eager_outs = traced(toy, paths, inputs)
+    compiled = ActivationStats()
+    with trace_ffn_activations(toy, paths, compiled) as tracer:
+        forward = tracer.compile(toy)
+        for (t, args), eager_out in zip(inputs, eager_outs):
+            tracer.timestep = t
+            out = forward(*args)
+            assert tracer.pending == len(paths)  # real reductions filed, not the trace's placeholders
+            tracer.flush(out)
+            np.testing.assert_allclose(np.array(out[0]), np.array(eager_out[0]), rtol=1e-5, atol=1e-6)
+    assert sorted(compiled._cells) == sorted(eager._cells) and len(compiled) == 2 * len(paths)
+    for key, cell in eager.items():
+        for name in ("count", "hist", "min", "max"):
+            np.testing.assert_array_equal(getattr(compiled[key], name), getattr(cell, name))
+        np.testing.assert_allclose(compiled[key].mean, cell.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(compiled[key].std, cell.std, rtol=1e-5)
+
+
+def test_a_compiled_traced_forward_needs_a_timestep():
+    toy = ToyMMDiT()
+    with trace_ffn_activations(toy, mmdit_layer_paths(toy), ActivationStats()) as tracer:
+        with pytest.raises(RuntimeError, match="timestep must be set"):
+            tracer.compile(toy)(*toy_inputs(0))
 
 
 # --------------------------------------------------------------------------- taq's MMDiT
@@ -280,7 +330,7 @@ def test_taq_mmdit_is_traced_without_changing_its_output():
     stats, (out,) = traced(model, paths, [(700.0, args)])
     np.testing.assert_array_equal(np.array(out), plain)
     assert parameter_keys(model) == param_keys
-    assert all(type(module) is nn.GELU for path, module in model.named_modules() if path in paths.values())
+    assert all(type(module) is GELU for path, module in model.named_modules() if path in paths.values())
     for layer in paths:
         cell = stats[layer, 700]
         assert cell.count.tolist() == [2 * (16 if layer.endswith("img") else 5)] * cfg.mlp_hidden

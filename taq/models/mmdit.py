@@ -5,7 +5,9 @@ the original weights only strips the key prefix and transposes the patch-embeddi
 activation is its own module (`joint_blocks.N.{x,context}_block.mlp.act`) so a tracer can swap it out.
 
 adaLN modulation is recomputed from (timestep, pooled text) on every call: it never replaces weights, and it is
-exact by construction. The forward has no host synchronization, so it can be wrapped in `mx.compile`.
+exact by construction. The forward has no host synchronization, so it can be wrapped in `mx.compile`. Its
+memory-bound steps (LayerNorm + modulation, gated residuals, GELU) are `taq.models.fused` ops: CUDA kernels on
+NVIDIA GPUs, plain MLX ops elsewhere.
 """
 
 from __future__ import annotations
@@ -16,13 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from taq.config import MMDiTConfig
-
-MLX_GELU = {"tanh": "precise", "exact": "none"}  # MLX's names for the two GELU forms
-
-
-def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    return x * (1 + scale) + shift
-
+from taq.models.fused import GELU, gated_add, norm_modulate
 
 # --------------------------------------------------------------------------- embedders
 
@@ -86,7 +82,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_hidden)
-        self.act = nn.GELU(approx=MLX_GELU[cfg.gelu])
+        self.act = GELU(cfg.gelu)
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -100,10 +96,9 @@ class StreamBlock(nn.Module):
         super().__init__()
         self.pre_only = pre_only
         self.num_heads = cfg.num_heads
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, affine=False)
+        self.eps = cfg.layer_norm_eps  # both LayerNorms are affine-free: no weights
         self.attn = Attention(cfg, pre_only)
         if not pre_only:
-            self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, affine=False)
             self.mlp = FeedForward(cfg)
         self.adaLN_modulation = [nn.SiLU(), nn.Linear(cfg.hidden_size, (2 if pre_only else 6) * cfg.hidden_size)]
 
@@ -115,13 +110,13 @@ class StreamBlock(nn.Module):
     def pre_attention(self, x: mx.array, mods: list[mx.array]) -> mx.array:
         """(B, N, D) -> q, k, v stacked as (3, B, heads, N, head_dim)."""
         B, N, D = x.shape
-        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        qkv = self.attn.qkv(norm_modulate(x, mods[0], mods[1], self.eps))
         return qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
 
     def post_attention(self, x: mx.array, attn_out: mx.array, mods: list[mx.array]) -> mx.array:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn.proj(attn_out)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated_add(x, gate_msa, self.attn.proj(attn_out))
+        return gated_add(x, gate_mlp, self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.eps)))
 
 
 class JointBlock(nn.Module):
@@ -149,13 +144,13 @@ class JointBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
-        self.norm_final = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, affine=False)
+        self.eps = cfg.layer_norm_eps
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels)
         self.adaLN_modulation = [nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)]
 
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
         shift, scale = mx.split(self.adaLN_modulation[1](self.adaLN_modulation[0](c))[:, None, :], 2, axis=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale, self.eps))
 
 
 # --------------------------------------------------------------------------- model

@@ -1,7 +1,9 @@
 """Activation tracing: device-side streaming statistics per (layer, timestep) and the FFN activation tracer."""
 
 from taq.tracing.stats import ActivationStats, BatchReduction, CellStats, HistogramSpec, compiled_reducer, reduce_batch
-from taq.tracing.tracer import FFNTracer, RecordingModule, mmdit_layer_paths, trace_ffn_activations
+from taq.tracing.cuda_reduce import cuda_reduce_batch
+from taq.tracing.tracer import FFNTracer, RecordingModule, device_reducer, mmdit_layer_paths, trace_ffn_activations
 
 __all__ = ["ActivationStats", "BatchReduction", "CellStats", "HistogramSpec", "compiled_reducer", "reduce_batch",
-           "FFNTracer", "RecordingModule", "mmdit_layer_paths", "trace_ffn_activations"]
+           "cuda_reduce_batch", "FFNTracer", "RecordingModule", "device_reducer", "mmdit_layer_paths",
+           "trace_ffn_activations"]

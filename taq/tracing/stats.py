@@ -97,6 +97,30 @@ class BatchReduction:
                 self.min, self.max, self.slots, self.signs]
 
 
+FLOAT_FIELDS = ("scale", "scaled_mean", "residual_sum", "residual_sq_sum", "min", "max")
+INT_FIELDS = ("count", "slots", "signs")
+
+
+def pack_reductions(reductions: list[BatchReduction]) -> tuple[mx.array, mx.array]:
+    """Many reductions as one float32 and one int32 array: two device-to-host copies instead of nine each."""
+    def flat(fields, dtype):
+        return mx.concatenate([getattr(r, f).reshape(-1).astype(dtype) for r in reductions for f in fields])
+    return flat(FLOAT_FIELDS, mx.float32), flat(INT_FIELDS, mx.int32)
+
+
+def unpack_reductions(floats: np.ndarray, ints: np.ndarray, sizes: list[tuple[int, int]]) -> list[BatchReduction]:
+    """Inverse of pack_reductions on the host; `sizes` holds (channels, slots) per reduction."""
+    out, f, i = [], 0, 0
+    for channels, slots in sizes:
+        values = {}
+        for name in FLOAT_FIELDS:
+            values[name], f = floats[f:f + channels], f + channels
+        for name, size in zip(INT_FIELDS, (channels, slots, 3)):
+            values[name], i = ints[i:i + size], i + size
+        out.append(BatchReduction(**values))
+    return out
+
+
 HISTOGRAM_COPIES = 64  # channels scatter into this many histogram copies: spreads the GPU's atomic contention
 
 

@@ -2,29 +2,37 @@
 
 MLX has no forward hooks and looks `__call__` up on the class, so each traced module is replaced (through
 `Module.update_modules`) by a `RecordingModule` that calls it and reduces its output on the device; the originals
-are put back on exit, also when the block raises. Do not call an `mx.compile`d model while it is traced: the
-recorded activations would be placeholders of the compiled graph.
+are put back on exit, also when the block raises.
 
     paths = mmdit_layer_paths(model)                       # {"mm_00_img": "joint_blocks.0.x_block.mlp.act", ...}
     with trace_ffn_activations(model, paths, stats) as tracer:
+        forward = tracer.compile(model)                    # optional: one fused graph, reductions included
         for x, t, tokens, pooled, timestep in batches:     # one timestep per forward batch
             tracer.timestep = timestep
-            v = model(x, t, tokens, pooled)
-            tracer.flush(v)                                # one mx.eval for v and every layer's reductions
+            v = forward(x, t, tokens, pooled)
+            tracer.flush(v)                                # evaluates v and every layer's reductions at once
+
+Compile through `tracer.compile`, not `mx.compile(model)`: in a compiled graph the wrapper runs only while the
+graph is traced, so `tracer.compile` makes the reductions outputs of the graph and re-files them on every call.
 """
 
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 
-from taq.tracing.stats import ActivationStats, BatchReduction, CellStats, compiled_reducer, reduce_batch, timestep_key
+from taq.cuda import cuda_available
+from taq.tracing.cuda_reduce import cuda_reducer
+from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, HistogramSpec, compiled_reducer,
+                               pack_reductions, reduce_batch, timestep_key, unpack_reductions)
 
 # Module path of an FFN activation -> layer name; one entry per stream of each model family.
 FFN_ACTIVATION_NAMES: tuple[tuple[str, str], ...] = (
@@ -75,13 +83,22 @@ class RecordingModule(nn.Module):
 
 
 class FFNTracer:
-    """Collects device-side reductions per forward; `flush` evaluates them all at once and merges into `stats`."""
+    """Collects device-side reductions per forward; `flush` evaluates them and merges them into `stats`.
+
+    Merging is pipelined: `flush` starts evaluating this forward's reductions and queues the previous flush's for
+    a merging thread (float64, on the host), so host work overlaps the next forwards. `sync()` (called when
+    `trace_ffn_activations` exits) waits for the merges; `stats` is complete only after it. On an H100 the host
+    merge of SD3 Medium's 47 layers takes 14-18 ms, most of a 512x512 step.
+    """
 
     def __init__(self, stats: ActivationStats, reduce: Callable[[mx.array], BatchReduction]):
         self.stats = stats
         self._reduce = reduce
         self._timestep: float | None = None
         self._pending: list[tuple[str, float, BatchReduction]] = []
+        self._in_flight: tuple[list, tuple[mx.array, mx.array]] | None = None
+        self._merger: ThreadPoolExecutor | None = None
+        self._merges: list[Future] = []
 
     @property
     def timestep(self) -> float | None:
@@ -106,28 +123,103 @@ class FFNTracer:
             self._pending.append((layer, self._timestep, self._reduce(out)))
         return record
 
+    def compile(self, fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
+        """`mx.compile(fn)` that still records: each call files this forward's reductions under `timestep`."""
+        layers: list[str] = []  # recording order, captured whenever mx.compile (re)traces fn
+        width = len(BatchReduction.__dataclass_fields__)
+
+        def traced(*args):
+            start = len(self._pending)
+            out = fn(*args)
+            recorded = self._pending[start:]
+            del self._pending[start:]  # placeholders of the graph being traced
+            layers[:] = [layer for layer, _, _ in recorded]
+            return out, [array for _, _, reduction in recorded for array in reduction.arrays()]
+
+        graph = mx.compile(traced)
+
+        def forward(*args):
+            if self._timestep is None:
+                raise RuntimeError("tracer.timestep must be set before each forward")
+            out, arrays = graph(*args)
+            for i, layer in enumerate(layers):
+                self._pending.append((layer, self._timestep, BatchReduction(*arrays[i * width:(i + 1) * width])))
+            return out
+
+        return forward
+
     def flush(self, *also_eval) -> None:
-        """One `mx.eval` over every pending reduction (and `also_eval`, e.g. the forward's output), then merge."""
-        mx.eval(also_eval, [reduction.arrays() for _, _, reduction in self._pending])
+        """Start one evaluation of every pending reduction (and `also_eval`, e.g. the forward's output); hand the
+        previous flush's reductions, by now on the host, to the merging thread."""
+        self._raise_merge_error()
         pending, self._pending = self._pending, []
-        for layer, timestep, reduction in pending:
+        if not pending:
+            mx.async_eval(also_eval)
+            return
+        packed = pack_reductions([reduction for _, _, reduction in pending])
+        mx.async_eval(also_eval, packed)
+        cells = [(layer, timestep, (reduction.count.shape[0], reduction.slots.shape[0]))
+                 for layer, timestep, reduction in pending]
+        previous, self._in_flight = self._in_flight, (cells, packed)
+        self._hand_over(previous)
+
+    def sync(self) -> None:
+        """Wait until everything flushed so far is merged into `stats`."""
+        previous, self._in_flight = self._in_flight, None
+        self._hand_over(previous)
+        while self._merges:
+            self._merges.pop(0).result()  # re-raises a merge's exception
+
+    def _hand_over(self, in_flight) -> None:
+        """Copy an evaluated flush to the host (here: MLX stays on this thread) and queue its float64 merge."""
+        if in_flight is None:
+            return
+        cells, (floats, ints) = in_flight
+        floats, ints = np.array(floats), np.array(ints)
+        if self._merger is None:
+            self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taq-merge")  # FIFO: same order
+        self._merges.append(self._merger.submit(self._merge, cells, floats, ints))
+
+    def _merge(self, cells, floats: np.ndarray, ints: np.ndarray) -> None:
+        reductions = unpack_reductions(floats, ints, [size for _, _, size in cells])
+        for (layer, timestep, _), reduction in zip(cells, reductions):
             self.stats.update(layer, timestep, CellStats.from_reduction(reduction, self.stats.spec))
 
-    def discard(self) -> None:
+    def _raise_merge_error(self) -> None:
+        while self._merges and self._merges[0].done():
+            self._merges.pop(0).result()
+
+    def close(self) -> None:
+        """Drop what is not merged yet and stop the merging thread."""
         self._pending.clear()
+        self._in_flight = None
+        if self._merger is not None:
+            self._merger.shutdown(wait=True, cancel_futures=True)
+            self._merger = None
+        self._merges.clear()
 
 
 def _swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     model.update_modules(tree_unflatten(list(modules.items())))
 
 
+def device_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
+    """The fastest exact reduction here: the one-pass kernel on CUDA, mx.compile-fused ops on another GPU, plain
+    ops on the CPU (whose backend compiles each new shape slowly)."""
+    if cuda_available():
+        return cuda_reducer(spec)
+    if mx.default_device().type == mx.DeviceType.gpu:
+        return compiled_reducer(spec)
+    return partial(reduce_batch, spec=spec)
+
+
 @contextmanager
 def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: ActivationStats,
-                          compile: bool | None = None) -> Iterator[FFNTracer]:
+                          reduce: Callable[[mx.array], BatchReduction] | None = None) -> Iterator[FFNTracer]:
     """Wrap the module at each path of `layer_paths` ({layer name: module path}) for the block's duration.
 
-    Pending reductions are flushed on a normal exit and discarded when the block raises. `compile`: fuse the
-    device-side reductions with mx.compile; None compiles on a GPU only (the CPU backend compiles slowly).
+    Pending reductions are flushed on a normal exit and discarded when the block raises. `reduce` turns one
+    activation into a BatchReduction; None picks `device_reducer(stats.spec)`.
     """
     modules = dict(model.named_modules())
     missing = {name: path for name, path in layer_paths.items() if path not in modules}
@@ -135,9 +227,7 @@ def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: 
         raise ValueError(f"no module at {missing} in {type(model).__name__}")
     if len(set(layer_paths.values())) != len(layer_paths):
         raise ValueError(f"layer paths must be distinct, got {layer_paths}")
-    if compile is None:
-        compile = mx.default_device().type == mx.DeviceType.gpu
-    reduce = compiled_reducer(stats.spec) if compile else partial(reduce_batch, spec=stats.spec)
+    reduce = reduce or device_reducer(stats.spec)
     originals = {path: modules[path] for path in layer_paths.values()}
     tracer = FFNTracer(stats, reduce)
     stats.add_layers(layer_paths)
@@ -146,8 +236,7 @@ def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: 
     try:
         yield tracer
         tracer.flush()
-    except BaseException:
-        tracer.discard()
-        raise
+        tracer.sync()
     finally:
+        tracer.close()
         _swap_modules(model, originals)
