@@ -1,15 +1,16 @@
-"""`reduce_batch` in one pass over the activations, as a custom CUDA kernel (MLX's CUDA backend only).
+"""`reduce_batch` in one pass over the activations, as custom CUDA kernels (MLX's CUDA backend only).
 
-The portable reduction (`stats.reduce_batch`) is a dozen MLX ops and reads each activation several times; on an
-H100 it costs ~7.6 ms per (2, 4096, 6144) SD3 FFN activation even fused by `mx.compile`, five times the forward.
-This kernel reads every value once: a thread owns one channel of a chunk of rows and keeps that channel's count,
-min, max and shifted sums in registers, while the block bins values into a shared-memory histogram that is
-added to the global one once per block. Per-chunk moments are then merged (Chan et al.) in a few small MLX ops.
+The portable reduction (`stats.reduce_batch`) is a dozen MLX ops that read each activation several times; on an
+H100 it took 8.9 ms per (2, 4250, 6144) bf16 SD3 FFN activation even fused by `mx.compile`. Here a thread owns one
+channel of a chunk of rows and keeps that channel's count, min, max and shifted sums in registers, while its warp
+bins values into a shared-memory histogram (one copy per warp); each block writes its partial moments and
+histogram, and a second small kernel merges the chunks (Chan et al., in double) and sums the histograms. In a
+compiled SD3 Medium step at 1024x1024 the 47 reductions add 2.6 ms to 51.8 ms.
 
-It returns the same `BatchReduction` as `reduce_batch` (with scale 1 and zero residual sums) and the same
-histogram, bit for bit: bins are guessed arithmetically and corrected against the float32 edges, as numpy does.
-The shifted float32 sums assume finite |x| below ~1e18 (a squared deviation must fit in float32); the portable
-reduction has no such limit.
+It returns the same `BatchReduction` as `reduce_batch` (scale 1, zero residual sums) and the same histogram bit
+for bit: bins are guessed arithmetically and corrected against the float32 edges, as numpy does. The shifted
+float32 sums assume finite |x| below ~1e18 (a squared deviation must fit in float32); the portable reduction has
+no such limit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from taq.tracing.stats import MAX_BATCH_ELEMENTS, BatchReduction, HistogramSpec
 
 THREADS = 256  # channels per block
 TARGET_BLOCKS = 1024  # enough blocks to fill an H100's 132 SMs several times over
-MIN_ROWS_PER_CHUNK = 64  # fewer rows per block would make the histogram flush dominate
+MIN_ROWS_PER_CHUNK = 64  # fewer rows per block would make writing its histogram dominate
 UNROLL = 8
 AGGREGATE = False  # warp-aggregated atomics (match_any) measured slower on post-GELU data
 
