@@ -36,18 +36,10 @@ def inputs(resolution: int, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
             "timestep": np.full((rows,), 500.0, dtype=np.float32)}
 
 
-def per_step(step, finish, repeats: int, warmup: int = 2, trials: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    finish()
-    times = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        finish()
-        times.append((time.perf_counter() - start) / repeats)
-    return 1e3 * statistics.median(times)
+def per_step_ms(step, finish, repeats: int) -> float:
+    """taq.bench.per_step's median, in ms: the same loop times every framework."""
+    from taq.bench import per_step
+    return 1e3 * statistics.median(per_step(step, finish, repeats, warmup=2))
 
 
 def time_taq(resolution: int, rows: int, repeats: int) -> dict:
@@ -92,7 +84,7 @@ def time_diffusionkit(resolution: int, rows: int, repeats: int) -> dict:
     # DiffusionKit folds (timestep, pooled) into cached modulation parameters before sampling; not timed.
     model.cache_modulation_params(arrays["pooled"].astype(mx.bfloat16), arrays["timestep"][:1])
     out = []
-    ms = per_step(lambda: (out.clear(), out.append(model(latent, tokens, arrays["timestep"])), mx.async_eval(out)),
+    ms = per_step_ms(lambda: (out.clear(), out.append(model(latent, tokens, arrays["timestep"])), mx.async_eval(out)),
                   mx.synchronize, repeats)
     del model
     mx.clear_cache()
@@ -111,7 +103,7 @@ def time_diffusers(resolution: int, rows: int, repeats: int, compile: bool) -> d
     kwargs = {k: v.to("cuda", torch.bfloat16 if k != "timestep" else torch.float32) for k, v in kwargs.items()}
     result = {}
     with torch.inference_mode():
-        result["diffusers eager"] = per_step(lambda: model(**kwargs, return_dict=False), torch.cuda.synchronize,
+        result["diffusers eager"] = per_step_ms(lambda: model(**kwargs, return_dict=False), torch.cuda.synchronize,
                                              repeats)
         if compile:
             compiled = torch.compile(model, dynamic=False)
@@ -119,7 +111,7 @@ def time_diffusers(resolution: int, rows: int, repeats: int, compile: bool) -> d
             compiled(**kwargs, return_dict=False)
             torch.cuda.synchronize()
             result["torch.compile build s"] = time.perf_counter() - start
-            result["diffusers torch.compile"] = per_step(lambda: compiled(**kwargs, return_dict=False),
+            result["diffusers torch.compile"] = per_step_ms(lambda: compiled(**kwargs, return_dict=False),
                                                          torch.cuda.synchronize, repeats)
     del model
     torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ def forward_flops(cfg: MMDiTConfig, rows: int, image_tokens: int, text_tokens: i
     return rows * total
 
 
-def _per_step(step: Callable[[], None], finish: Callable[[], None], repeats: int, warmup: int,
+def per_step(step: Callable[[], None], finish: Callable[[], None], repeats: int, warmup: int,
               trials: int = 3) -> list[float]:
     """Seconds per step of `repeats` back-to-back steps (as a sampler runs them: the host may run ahead of the
     device), for each of `trials` runs after `warmup` steps; `finish` waits for the device."""
@@ -76,14 +76,14 @@ def bench(model_name: str = "sd3-medium", resolution: int | None = None, batch: 
     args = (x, t, tokens, pooled)
     forward = mx.compile(model.mmdit) if compile else model.mmdit
     outputs = []  # the last step's output, kept alive until the device is done with it
-    untraced = _per_step(lambda: (outputs[:1].clear(), outputs.append(forward(*args)), mx.async_eval(outputs)),
-                         mx.synchronize, repeats, warmup)
+    untraced = per_step(lambda: (outputs.clear(), outputs.append(forward(*args)), mx.async_eval(outputs)),
+                        mx.synchronize, repeats, warmup)
     stats = ActivationStats()
     with trace_ffn_activations(model.mmdit, mmdit_layer_paths(model.mmdit), stats) as tracer:
         tracer.timestep = 500.0
         traced_forward = tracer.compile(model.mmdit) if compile else model.mmdit
-        traced = _per_step(lambda: tracer.flush(traced_forward(*args)), lambda: (mx.synchronize(), tracer.sync()),
-                           repeats, warmup)
+        traced = per_step(lambda: tracer.flush(traced_forward(*args)), lambda: (mx.synchronize(), tracer.sync()),
+                          repeats, warmup)
     n_img = (H // cfg.patch_size) * (W // cfg.patch_size)
     flops = forward_flops(cfg, rows, n_img, text_tokens)
     ms = {name: {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts)}

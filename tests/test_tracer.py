@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 from taq.config import get_preset
 from taq.models.fused import GELU
 from taq.models.mmdit import MMDiT
-from taq.tracing import (ActivationStats, CellStats, HistogramSpec, RecordingModule, compiled_reducer, mmdit_layer_paths,
-                         reduce_batch, trace_ffn_activations)
+from taq.tracing import (ActivationStats, CellStats, HistogramSpec, RecordingModule, compiled_reducer,
+                         mmdit_layer_paths, reduce_batch, trace_ffn_activations)
 from taq.tracing import tracer as tracer_module
 
 GELU_FORMS = {"exact": "none", "tanh": "precise"}  # MLX's names
@@ -267,6 +267,15 @@ def test_no_recorded_post_gelu_value_is_below_the_gelu_minimum(gelu):
     assert all(cell.min.min() < GELU_FLOOR[gelu] for _, cell in stats.items())
 
 
+def assert_cells_agree(actual: ActivationStats, expected: ActivationStats, rtol: float, atol: float) -> None:
+    """Counts, histograms and extremes equal; mean and std to float32 reduction-order rounding."""
+    for key, cell in expected.items():
+        for name in ("count", "hist", "min", "max"):
+            np.testing.assert_array_equal(getattr(actual[key], name), getattr(cell, name))
+        np.testing.assert_allclose(actual[key].mean, cell.mean, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(actual[key].std, cell.std, rtol=rtol)
+
+
 def test_compiled_reductions_record_what_eager_ones_do():
     mx.random.seed(6)
     toy = ToyMMDiT()
@@ -276,11 +285,7 @@ def test_compiled_reductions_record_what_eager_ones_do():
                                                     for r in (partial(reduce_batch, spec=spec), compiled_reducer(spec)))
     for a, b in zip(out_eager, out_fused):
         np.testing.assert_array_equal(np.array(a), np.array(b))
-    for key, cell in eager.items():
-        for name in ("count", "hist", "min", "max"):
-            np.testing.assert_array_equal(getattr(fused[key], name), getattr(cell, name))
-        np.testing.assert_allclose(fused[key].mean, cell.mean, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(fused[key].std, cell.std, rtol=1e-6)
+    assert_cells_agree(fused, eager, rtol=1e-6, atol=1e-7)
 
 
 def test_a_compiled_traced_forward_records_every_call_as_the_eager_one():
@@ -300,11 +305,7 @@ def test_a_compiled_traced_forward_records_every_call_as_the_eager_one():
             tracer.flush(out)
             np.testing.assert_allclose(np.array(out[0]), np.array(eager_out[0]), rtol=1e-5, atol=1e-6)
     assert sorted(compiled._cells) == sorted(eager._cells) and len(compiled) == 2 * len(paths)
-    for key, cell in eager.items():
-        for name in ("count", "hist", "min", "max"):
-            np.testing.assert_array_equal(getattr(compiled[key], name), getattr(cell, name))
-        np.testing.assert_allclose(compiled[key].mean, cell.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(compiled[key].std, cell.std, rtol=1e-5)
+    assert_cells_agree(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compiled_traced_forward_needs_a_timestep():

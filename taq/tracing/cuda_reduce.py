@@ -21,13 +21,12 @@ from typing import Callable
 import mlx.core as mx
 
 from taq.cuda import HEADER
-from taq.tracing.stats import MAX_BATCH_ELEMENTS, BatchReduction, HistogramSpec
+from taq.tracing.stats import MAX_BATCH_ELEMENTS, BatchReduction, HistogramSpec, reduce_batch
 
 THREADS = 256  # channels per block
 TARGET_BLOCKS = 1024  # enough blocks to fill an H100's 132 SMs several times over
 MIN_ROWS_PER_CHUNK = 64  # fewer rows per block would make writing its histogram dominate
-UNROLL = 8
-AGGREGATE = False  # warp-aggregated atomics (match_any) measured slower on post-GELU data
+UNROLL = 8  # rows loaded before they are processed: several loads in flight per thread
 
 KERNEL = r"""
     constexpr int SLOTS = BINS + 3;  // histogram, underflow, overflow, non-finite
@@ -50,7 +49,6 @@ KERNEL = r"""
     const float per_unit = BINS / (hi - lo);  // only guesses the bin: it is corrected against the edges
     const float inf = __int_as_float(0x7f800000);
     const int c = blockIdx.x * THREADS + tid;
-    const unsigned active = __ballot_sync(0xffffffff, c < C);
     const int rows = (M + gridDim.y - 1) / gridDim.y;
     const int r0 = blockIdx.y * rows;
     const int r1 = min(M, r0 + rows);
@@ -79,16 +77,11 @@ KERNEL = r"""
             neginf += v < 0.f;
             negative += v < 0.f;
         }
-        if (AGGREGATE) {  // one atomic per distinct slot in the warp
-            const unsigned peers = __match_any_sync(active, slot);
-            if (lane == __ffs(peers) - 1) atomicAdd(&my_hist[slot], __popc(peers));
-        } else {
-            atomicAdd(&my_hist[slot], 1);
-        }
+        atomicAdd(&my_hist[slot], 1);  // warp-aggregating equal slots (match_any) measured slower
     };
     if (c < C) {
         int r = r0;
-        for (; r + UNROLL <= r1; r += UNROLL) {  // loads first: several in flight per thread
+        for (; r + UNROLL <= r1; r += UNROLL) {
             float v[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) v[u] = static_cast<float>(x[static_cast<size_t>(r + u) * C + c]);
@@ -177,6 +170,12 @@ def _kernels():
     return one_pass, merge
 
 
+@lru_cache(maxsize=None)
+def _edges(spec: HistogramSpec) -> mx.array:
+    """The bin edges on the device, once per spec rather than once per layer and forward."""
+    return mx.array(spec.bin_edges)
+
+
 def chunks_for(rows: int, channels: int) -> int:
     """Row chunks (grid rows): about TARGET_BLOCKS blocks, each at least MIN_ROWS_PER_CHUNK rows long."""
     tiles = -(-channels // THREADS)
@@ -193,15 +192,13 @@ def cuda_reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
     x = x.reshape(-1, channels)
     rows = x.shape[0]
     if rows == 0:
-        from taq.tracing.stats import reduce_batch  # the empty reduction, shaped as reduce_batch builds it
-        return reduce_batch(x, spec)
+        return reduce_batch(x, spec)  # the empty reduction
     chunks = chunks_for(rows, channels)
     tiles = -(-channels // THREADS)
     slots = spec.bins + 3
     one_pass, merge = _kernels()
     partials = one_pass(
-        inputs=[x, mx.array(spec.bin_edges)],
-        template=[("BINS", spec.bins), ("THREADS", THREADS), ("UNROLL", UNROLL), ("AGGREGATE", AGGREGATE)],
+        inputs=[x, _edges(spec)], template=[("BINS", spec.bins), ("THREADS", THREADS), ("UNROLL", UNROLL)],
         grid=(tiles * THREADS, chunks, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(chunks, channels)] * 5 + [(chunks * tiles, slots), (chunks * tiles, 3)],
         output_dtypes=[mx.int32] + [mx.float32] * 4 + [mx.int32, mx.int32])
