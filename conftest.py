@@ -1,16 +1,18 @@
 """Command-line options of taq's test suites (the characterization suite's are read in characterization/conftest.py)."""
 
+from taq.config import DEFAULT_MODEL
+from taq.recipes import DEFAULT_RECIPE, RECIPES
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("taq", "taq characterization suite (characterization/)")
-    group.addoption("--taq-model", default="pocket", metavar="PRESET",
-                    help="model under test: a preset name (default: pocket, the embedded default)")
+    group.addoption("--taq-model", default=DEFAULT_MODEL, metavar="PRESET",
+                    help=f"model under test: a preset name (default: {DEFAULT_MODEL}, the embedded default)")
     group.addoption("--taq-checkpoint", metavar="PATH", help="SD3-layout weights for --taq-model sd3-medium")
     group.addoption("--taq-calibration", metavar="FILE",
                     help="use this calibration set instead of sampling (and caching) the recipe's")
-    group.addoption("--taq-recipe", choices=("ci", "paper"), default="ci",
-                    help="ci: 64 trajectories x 100 steps, 25 kept, CFG 1.5, seed 0, 512 profiled points; "
-                         "paper: the same with TaQ-DiT's 256 trajectories (default: ci)")
+    group.addoption("--taq-recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                    help="; ".join(recipe.describe() for recipe in RECIPES.values()) + f" (default: {DEFAULT_RECIPE})")
     group.addoption("--taq-report-dir", default="reports/latest", metavar="DIR",
                     help="where the HTML report, claims table and benchmark JSON go (default: reports/latest)")
     group.addoption("--taq-update-expectations", action="store_true",

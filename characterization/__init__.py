@@ -7,14 +7,14 @@ against committed baselines, and sampler benchmarks. Run it from the repository 
 
 What a session does
 -------------------
-1. Data (session fixtures in conftest.py, code in taq/pipeline.py). The model under test (`--taq-model`, default
+1. Data (session fixtures in conftest.py, code in taq/pipeline.py, recipes in taq/recipes.py). The model under test (`--taq-model`, default
    `pocket`; `--taq-checkpoint PATH` for SD3-layout weights) samples the recipe's calibration set -- ci: 64
    trajectories x 100 Euler steps, 25 kept with TaQ-DiT's stride, CFG 1.5, seed 0; paper: 256 trajectories --
    and 512 of its points are profiled into per-(layer, timestep) statistics. Both are cached under
    `.cache/taq/` (git-ignored) with a hash of the model's weights, the recipe and the seeds in the file name, so
    a second run reuses them. `--taq-calibration FILE` uses an existing calibration set instead.
 2. Claims (test_claims.py): one test per claim, parametrized over the model's FFN layers (`[mm_07_img]`).
-   Measurements and thresholds live in `taq/claims.py` (`THRESHOLDS`, each with the TaQ-DiT observation it
+   Measurements and thresholds live in `taq/analysis/claims.py` (`CLAIMS`, each with the TaQ-DiT observation it
    encodes): asymmetry (max/|min| and the share of a symmetric 8-bit grid below the minimum), temporal drift
    (per-timestep p0.1..p99.9 range, per-channel mean shift), channel outliers (top 2% of channels vs the median;
    the outlier fraction is reported per layer), and the time-aware benefit (8- and 4-bit quantization MSE with one

@@ -12,22 +12,23 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from taq.claims import CLAIMS, THRESHOLDS
-from taq.io import atomic_path
+from taq.analysis.cells import display_order
+from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE
+from taq.formats import atomic_path
 from taq.report.plots import save_figure
-from taq.report.summary import display_order
 
-OUTCOMES = ("pass", "xfail", "fail")
-OUTCOME_COLORS = {"pass": "tab:green", "xfail": "goldenrod", "fail": "tab:red"}
+UNEXPECTED = "unexpected"  # the outcome differs from the expectations file
+OUTCOME_COLORS = {HOLDS: "tab:green", DOES_NOT_HOLD: "tab:grey"}
 CLAIMS_DIR = "claims"
 
 
 def tally(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
-    """claim -> {outcome: count} for every claim that has records, in CLAIMS order."""
+    """claim -> {holds: n, does not hold: n, unexpected: n} for every claim that has records, in CLAIMS order."""
     counts = {claim: Counter() for claim in CLAIMS}
     for record in records:
         counts.setdefault(record["claim"], Counter())[record["outcome"]] += 1
-    return {claim: {o: c[o] for o in OUTCOMES} for claim, c in counts.items() if c}
+        counts[record["claim"]][UNEXPECTED] += not record.get("as_expected", True)
+    return {claim: {o: c[o] for o in OUTCOMES + (UNEXPECTED,)} for claim, c in counts.items() if c}
 
 
 def _number(value: float) -> str:
@@ -40,38 +41,40 @@ def _cell(text) -> str:
 
 def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
     lines = [f"# Claims: {context.get('model', '?')} ({context.get('recipe', '?')} recipe)", "",
-             "A claim holds for a layer when its measured value is >= its threshold. pass: holds, as expected; "
-             "xfail: does not hold, as the expectations file says; fail: the outcome differs from the "
-             "expectations file.", "", "| claim | pass | xfail | fail | threshold | measure |", "| --- | ---: | ---: "
-             "| ---: | ---: | --- |"]
+             f"A claim holds for a layer when its measured value is >= its threshold. {UNEXPECTED}: the outcome "
+             "differs from the expectations file (the suite fails).", "",
+             f"| claim | {HOLDS} | {DOES_NOT_HOLD} | {UNEXPECTED} | threshold | measure |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
     for claim, counts in tally(records).items():
-        lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts['pass']} | {counts['xfail']} | "
-                     f"{counts['fail']} | {THRESHOLDS[claim].value:g} | {_cell(THRESHOLDS[claim].measure)} |")
-    lines += ["", "| claim | layer | measured | threshold | expected | outcome | note |",
+        lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts[HOLDS]} | {counts[DOES_NOT_HOLD]} | "
+                     f"{counts[UNEXPECTED]} | {CLAIMS[claim].threshold:g} | {_cell(CLAIMS[claim].measure)} |")
+    lines += ["", "| claim | layer | measured | threshold | outcome | expected | note |",
               "| --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in records:
+        outcome = r["outcome"] + ("" if r.get("as_expected", True) else f" ({UNEXPECTED})")
         lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {r['threshold']:g} | "
-                     f"{r['expected']} | {r['outcome']} | {_cell(r['note'])} |")
-    lines += ["", "## What each threshold encodes (TaQ-DiT, arXiv:2411.14172)", ""]
-    lines += [f"- **{claim}** (>= {t.value:g}): {t.observation}" for claim, t in THRESHOLDS.items()]
+                     f"{outcome} | {r['expected']} | {_cell(r['note'])} |")
+    lines += ["", f"## What each threshold encodes ({REFERENCE})", ""]
+    lines += [f"- **{name}** (>= {c.threshold:g}): {c.observation}" for name, c in CLAIMS.items()]
     return "\n".join(lines) + "\n"
 
 
 def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
-    """Measured value per layer against the threshold, bars colored by outcome."""
+    """Measured value per layer against the threshold, bars colored by outcome (red edge: unexpected)."""
     rows = [r for r in records if r["claim"] == claim]
     rows = [rows[i] for i in display_order([r["layer"] for r in rows])]
     values = np.array([r["measured"] for r in rows], dtype=np.float64)
-    threshold = THRESHOLDS[claim].value
+    threshold = CLAIMS[claim].threshold
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     shown = np.where(np.isfinite(values), values, np.nan)
-    bars = ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows])
+    bars = ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows],
+                  edgecolor=["red" if not r.get("as_expected", True) else "none" for r in rows], linewidth=2)
     ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(claim)
-    ax.set_title(f"{claim}: {THRESHOLDS[claim].measure}", fontsize=9, wrap=True)
+    ax.set_title(f"{claim}: {CLAIMS[claim].measure}", fontsize=9, wrap=True)
     outcomes = [Patch(color=color, label=o) for o, color in OUTCOME_COLORS.items()]
     ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
@@ -87,8 +90,8 @@ def write_claims(records: Sequence[Mapping], report_dir: Path, context: Mapping)
     figures_dir.mkdir(parents=True, exist_ok=True)
     written = [save_figure(claim_figure(records, claim), figures_dir / f"{claim}.png") for claim in tally(records)]
     document = {**context, "summary": tally(records),
-                "thresholds": {c: {"value": t.value, "measure": t.measure, "observation": t.observation}
-                               for c, t in THRESHOLDS.items()},
+                "thresholds": {name: {"value": c.threshold, "measure": c.measure, "observation": c.observation}
+                               for name, c in CLAIMS.items()},
                 "claims": [{k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in r.items()}
                            for r in records]}
     for name, text in (("claims.json", json.dumps(document, indent=2) + "\n"),

@@ -8,22 +8,23 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
-from taq.claims import THRESHOLDS, measure
+from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, measure
 from taq.config import get_preset
-from taq.io import atomic_path
-from taq.models.loading import load_model
+from taq.formats import atomic_path
+from taq.formats import calibration as calibration_format
+from taq.formats.stats import StatsFile
+from taq.loading import load_model
 from taq.models.mmdit import MMDiT
-from taq.profiling import StatsFile
+from taq.pipeline import ensure_calibration, ensure_stats
+from taq.recipes import Recipe, get_recipe
 from taq.tracing import mmdit_layer_paths
 
 from characterization.claims_table import tally, write_claims
 from characterization.expectations import Expectations, expectations_path, load_expectations, updated
 from characterization.expectations import write_expectations
-from taq.pipeline import Recipe, ensure_calibration, ensure_stats, get_recipe
 
 SUITE = pytest.StashKey["Suite"]()
 BENCHMARKS_FILE = "benchmarks.json"
@@ -70,7 +71,7 @@ class Suite:
     @cached_property
     def layers(self) -> list[str]:
         """The model's FFN layer names, from its (lazily built, never evaluated) architecture."""
-        return list(mmdit_layer_paths(MMDiT(get_preset(self.model_name))))
+        return list(mmdit_layer_paths(MMDiT(get_preset(self.model_name).mmdit)))
 
     def log(self, message: str) -> None:
         """A line on the terminal now, also from inside a fixture (output capture is suspended for it)."""
@@ -96,7 +97,7 @@ def pytest_generate_tests(metafunc):
     if marker is None or "layer" not in metafunc.fixturenames:
         return
     (claim,) = marker.args
-    if claim not in THRESHOLDS:
+    if claim not in CLAIMS:
         raise ValueError(f"{metafunc.function.__name__}: unknown claim {claim!r}")
     suite = metafunc.config.stash[SUITE]
     params = []
@@ -106,25 +107,10 @@ def pytest_generate_tests(metafunc):
             then = suite.expectations.measured.get((claim, layer), "?")
             marks.append(pytest.mark.xfail(strict=True, reason=(
                 f"{expectations_path(suite.model_name).name} says it does not hold for this layer (measured {then} "
-                f"< {THRESHOLDS[claim].value:g} when written); if it now holds and that is intended, run with "
+                f"< {CLAIMS[claim].threshold:g} when written); if it now holds and that is intended, run with "
                 "--taq-update-expectations")))
         params.append(pytest.param(layer, id=layer, marks=marks))
     metafunc.parametrize("layer", params)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    suite = item.config.stash[SUITE]
-    if report.when == "call" and item.nodeid in suite.records:
-        if report.passed:
-            result = "pass"
-        elif report.skipped and hasattr(report, "wasxfail"):
-            result = "xfail"
-        else:
-            result = "fail"
-        suite.records[item.nodeid]["outcome"] = result
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -142,9 +128,11 @@ def model(suite):
 
 @pytest.fixture(scope="session")
 def calibration_path(suite, model) -> Path:
-    path = suite.calibration_file or ensure_calibration(model, suite.recipe, suite.cache_dir, suite.log)
-    with np.load(path) as data:  # the metadata record alone, not the (possibly large) arrays
-        suite.calibration_meta = json.loads(str(data["__meta__"]))
+    if suite.calibration_file is not None:
+        path, meta = suite.calibration_file, calibration_format.read_meta(suite.calibration_file)
+    else:
+        path, meta = ensure_calibration(model, suite.recipe, suite.cache_dir, suite.log)
+    suite.calibration_meta = meta
     return path
 
 
@@ -168,16 +156,17 @@ def check_claim(request, suite, stats_arrays):
     def check(layer: str) -> None:
         result = measure(stats_arrays, layer, claim)
         expected = suite.expectations.expected(claim, layer)
-        surprise = "" if suite.update_expectations or result.holds == (expected is not False) else (
+        as_expected = suite.update_expectations or result.holds == (expected is not False)
+        surprise = "" if as_expected else (
             "holds, expected not to; " if result.holds else "does not hold, expected to; ")
         suite.records[request.node.nodeid] = {
             "claim": claim, "layer": layer, "measured": result.value, "threshold": result.threshold,
-            "outcome": "fail", "note": surprise + result.note,
-            "expected": {True: "holds", False: "does not hold", None: "not listed"}[expected]}
+            "outcome": result.outcome, "expected": {True: HOLDS, False: DOES_NOT_HOLD, None: "not listed"}[expected],
+            "as_expected": as_expected, "note": surprise + result.note}
         if result.holds:
             return
         message = (f"{claim} does not hold for {layer}: measured {result.value:.4g} < threshold "
-                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {THRESHOLDS[claim].observation}")
+                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {CLAIMS[claim].observation}")
         if suite.update_expectations:
             pytest.xfail(message)
         if expected is None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from taq.claims import CLAIMS, THRESHOLDS
-from taq.io import atomic_path
+from taq.analysis.claims import CLAIMS
+from taq.formats import atomic_path
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parent / "expectations"
 
@@ -70,12 +70,13 @@ def updated(previous: Expectations, records: Iterable[Mapping], meta: dict) -> E
 def write_expectations(path: Path, expectations: Expectations) -> None:
     def nested(values: Mapping[tuple[str, str], object]) -> dict:
         out: dict[str, dict] = {}
-        for (claim, layer), value in sorted(values.items(), key=lambda kv: (CLAIMS.index(kv[0][0]), kv[0][1])):
+        order = list(CLAIMS)
+        for (claim, layer), value in sorted(values.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
             out.setdefault(claim, {})[layer] = value
         return out
 
     measured = {k: (round(v, 6) if math.isfinite(v) else str(v)) for k, v in expectations.measured.items()}
-    document = {**expectations.meta, "thresholds": {c: THRESHOLDS[c].value for c in CLAIMS},
+    document = {**expectations.meta, "thresholds": {name: c.threshold for name, c in CLAIMS.items()},
                 "holds": nested(expectations.holds), "measured": nested(measured)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

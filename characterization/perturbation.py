@@ -6,7 +6,7 @@ import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from taq.models.loading import Model, load_model
+from taq.loading import Model, load_model
 
 PERTURBED_PARAMETER = "joint_blocks.2.x_block.mlp.fc1.weight"
 PERTURBED_LAYER = "mm_02_img"

@@ -7,7 +7,7 @@ distribution over the occupied bins. `compare` checks new statistics against it 
 - ranges and spread (min, max, std, p0.1, p99.9): 1% of the baseline value;
 - mean: 1% of the cell's std (a post-GELU mean can sit near 0, where a relative tolerance means nothing);
 - negative fraction: 0.002 absolute;
-- histogram: earth mover's distance (`taq.claims.wasserstein_distance`) at most 0.5% of the cell's std.
+- histogram: earth mover's distance (`taq.analysis.measures.wasserstein_distance`) at most 0.5% of the cell's std.
 
 On one machine a rerun reproduces the statistics bit for bit; the tolerances leave room for other platforms'
 float rounding and are well under what a 5% change of one FFN weight matrix does (see test_regression.py).
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from taq.claims import wasserstein_distance
-from taq.io import load_npz, save_npz
-from taq.report.summary import cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile, layer_names
+from taq.analysis.cells import cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile, layer_names
+from taq.analysis.measures import wasserstein_distance
+from taq.formats.container import load_npz, save_npz
 
 KIND, VERSION = "taq-stats-baseline", 1
 STATISTICS = ("min", "max", "mean", "std", "negative_fraction", "p0.1", "p99.9")

@@ -18,9 +18,10 @@ import pytest
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
-from taq.bench import SD3_TEXT_TOKENS, forward_flops
+from taq.bench import forward_flops
 from taq.calibration import default_prompts
-from taq.models.loading import Model, load_model
+from taq.conditioning import UNCONDITIONAL_PROMPT
+from taq.loading import Model, load_model
 from taq.sampling import CFGDenoiser, euler_update, flow_sigmas, sample
 from taq.tracing import ActivationStats, FFNTracer, HistogramSpec, mmdit_layer_paths, reduce_batch
 from taq.tracing import trace_ffn_activations
@@ -89,7 +90,7 @@ def pocket() -> Sampler:
     model = load_model()
     prompts = default_prompts(model.name)
     prompts = [prompts[i % len(prompts)] for i in range(POCKET_TRAJECTORIES)]
-    return make_sampler(model, model.encode(prompts), model.encode([""]), POCKET_TRAJECTORIES,
+    return make_sampler(model, model.encode(prompts), model.encode([UNCONDITIONAL_PROMPT]), POCKET_TRAJECTORIES,
                         model.default_resolution)
 
 
@@ -155,7 +156,7 @@ def sd3(pytestconfig) -> Sampler:
     model = load_model("sd3-medium", dtype=dtype)
     cfg = model.mmdit.config
     rng = np.random.default_rng(0)
-    embeddings = [(mx.array(rng.standard_normal((1, SD3_TEXT_TOKENS, cfg.token_dim), dtype=np.float32)).astype(dtype),
+    embeddings = [(mx.array(rng.standard_normal((1, model.preset.text_tokens, cfg.token_dim), dtype=np.float32)).astype(dtype),
                    mx.array(rng.standard_normal((1, cfg.pooled_dim), dtype=np.float32)).astype(dtype))
                   for _ in range(2)]
     return make_sampler(model, embeddings[0], embeddings[1], 1, SD3_RESOLUTION, dtype)

@@ -1,6 +1,6 @@
 """TaQ-DiT's observations on post-GELU activations, one test per claim, parametrized over the model's FFN layers.
 
-What each claim measures and the observation its threshold encodes: `taq.claims.THRESHOLDS`. Which layers are
+What each claim measures and the observation its threshold encodes: `taq.analysis.claims.CLAIMS`. Which layers are
 expected to show it: characterization/expectations/<model>.json (the others run as strict xfails).
 """
 

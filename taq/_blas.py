@@ -1,7 +1,7 @@
 """Use a real BLAS under MLX's Linux CPU wheel, which links a slow reference BLAS.
 
 Loading OpenBLAS with RTLD_GLOBAL before MLX's shared library is loaded makes MLX's
-BLAS symbols resolve to it (1024^2 fp32 matmul: ~6 -> ~180 GFLOP/s on a 2-core VM).
+BLAS symbols resolve to it (about 30x faster float32 matmuls; docs/benchmarks/README.md).
 Set TAQ_FAST_BLAS=0 to keep MLX's own.
 """
 

@@ -21,12 +21,8 @@ import numpy as np
 import taq
 from taq.config import MMDiTConfig
 from taq.cuda import cuda_available
-from taq.models.loading import load_model
+from taq.loading import load_model
 from taq.tracing import ActivationStats, mmdit_layer_paths, trace_ffn_activations
-
-SD3_TEXT_TOKENS = 154  # 77 CLIP + 77 T5 tokens
-POCKET_TEXT_TOKENS = 16  # the pocket encoder's max_length (also used for the random test presets)
-
 
 def forward_flops(cfg: MMDiTConfig, rows: int, image_tokens: int, text_tokens: int) -> float:
     """Multiply-adds x 2 of the matmuls and attention of one MMDiT forward (embedders and norms omitted)."""
@@ -63,7 +59,7 @@ def bench(model_name: str = "sd3-medium", resolution: int | None = None, batch: 
           repeats: int = 10, warmup: int = 2, compile: bool = True) -> dict:
     """Time the untraced and the traced CFG step (2 x batch rows); `compile` wraps both in mx.compile."""
     model = load_model(model_name, dtype=getattr(mx, dtype))
-    text_tokens = SD3_TEXT_TOKENS if model_name == "sd3-medium" else POCKET_TEXT_TOKENS
+    text_tokens = model.preset.text_tokens
     cfg = model.mmdit.config
     resolution = resolution or model.default_resolution
     H, W, C = model.latent_shape(resolution)

@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -49,76 +47,17 @@ from tqdm import tqdm
 import taq
 import mlx.core as mx
 
-from taq.config import get_preset
+from taq.conditioning import UNCONDITIONAL_PROMPT
 from taq.distributed import (World, batch_ranges, check_agreement, collective_step, current_world, fail_together,
                              gather_buffers, shard)
-from taq.io import TaqFormatError, load_npz, save_npz
-from taq.models.loading import DEFAULT_MODEL, DEFAULT_RESOLUTION, LATENT_SCALE, Model, load_model
-from taq.sampling import RULES, SD3_SHIFT, CFGDenoiser, euler_steps, flow_sigmas, select_steps
+from taq.formats import TaqFormatError, check_output_path
+from taq.formats.calibration import load_partial, save_calibration, save_partial
+from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
+from taq.recipes import CalibrationRecipe
+from taq.sampling import RULES, CFGDenoiser, euler_steps, model_timesteps
 
-KIND, VERSION = "taq-calibration", 1
-PARTIAL_KIND, PARTIAL_VERSION = "taq-calibration-partial", 1
-UNCONDITIONAL_PROMPT = ""
 SD3_PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "sd3_calibration.txt"
 NOISE_STREAM, SHUFFLE_STREAM = 0, 1  # second entry of the seed tuples, keeps the two random streams apart
-
-# key -> ndim of every array in a calibration file (P points, M prompts)
-REQUIRED_KEYS = {
-    "xs": 4,  # (P, H, W, C) float32
-    "ts": 1,  # (P,) float32, 1000 * sigma as the model received it
-    "prompt_indices": 1,  # (P,) into prompts / cs
-    "trajectory_indices": 1,  # (P,)
-    "step_indices": 1,  # (P,) sampler step, 0 .. num_steps - 1
-    "cs": 3,  # (M, L, token_dim)
-    "cs_pooled": 2,  # (M, pooled_dim)
-    "cs_uncond": 2,  # (L, token_dim) embedding of "" for the CFG branch
-    "cs_pooled_uncond": 1,  # (pooled_dim,)
-    "prompts": 1,  # (M,) str
-    "cfg_scale": 0,
-}
-
-
-# --------------------------------------------------------------------------- recipe
-
-
-@dataclass(frozen=True)
-class CalibrationRecipe:
-    """Everything that decides the sampled points, besides the model, prompts and resolution."""
-
-    num_trajectories: int = 256
-    num_steps: int = 100
-    num_selected: int = 25
-    step_selection: str = "stride"
-    cfg_scale: float = 1.5
-    shift: float = SD3_SHIFT
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self):
-        for name in ("num_trajectories", "num_steps", "num_selected", "batch_size", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("num_trajectories", "num_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.num_selected > self.num_steps:
-            raise ValueError(f"cannot select {self.num_selected} steps out of {self.num_steps} sampling steps")
-        select_steps(self.num_steps, self.num_selected, self.step_selection)  # checks the rule and counts
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
-        if not (math.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"shift must be a positive number, got {self.shift}")
-
-    @property
-    def selected_steps(self) -> list[int]:
-        return select_steps(self.num_steps, self.num_selected, self.step_selection)
-
-    @property
-    def sigmas(self) -> np.ndarray:
-        return flow_sigmas(self.num_steps, self.shift)
 
 
 @dataclass(frozen=True)
@@ -148,11 +87,6 @@ def trajectory_noise(seed: int, index: int, latent_shape: Sequence[int]) -> np.n
     return rng.standard_normal(tuple(latent_shape), dtype=np.float32)
 
 
-def model_timesteps(sigmas: np.ndarray) -> np.ndarray:
-    """t = 1000 * sigma rounded as the sampler computes it (float32 sigma times 1000, in float32)."""
-    return np.asarray(sigmas, dtype=np.float64).astype(np.float32) * np.float32(1000.0)
-
-
 def sample_selected_steps(denoiser, x: mx.array, sigmas: np.ndarray, selected: Sequence[int]) -> np.ndarray:
     """Euler-sample from x (B, H, W, C) and return the selected steps' x_t as (B, K, H, W, C) float32.
 
@@ -179,21 +113,21 @@ def shuffled_points(num_trajectories: int, num_selected: int, seed: int) -> tupl
 # --------------------------------------------------------------------------- the set
 
 
-def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 256, num_steps: int = 100,
-              num_selected: int = 25, step_selection: str = "stride", cfg_scale: float = 1.5,
-              shift: float = SD3_SHIFT, resolution: Optional[int] = None, seed: int = 0, batch_size: int = 16,
-              output: str | os.PathLike, resume: bool = True, progress: bool = True,
-              on_batch: Optional[Callable[[int], None]] = None, world: Optional[World] = None) -> CalibrationSummary:
+def calibrate(model: Model, prompts: Sequence[str], *, output: str | os.PathLike, resolution: Optional[int] = None,
+              resume: bool = True, progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
+              world: Optional[World] = None, **recipe) -> CalibrationSummary:
     """Sample the calibration set and write it to `output` (see the module docstring for the recipe).
 
-    `on_batch(finished_trajectories)` runs after each batch is checkpointed (counting this rank's trajectories).
-    Every argument is checked before anything is sampled or written. `world` defaults to the launched one.
+    `recipe` holds `CalibrationRecipe` fields (num_trajectories, num_steps, ...); the ones not given keep the
+    recipe's defaults. `on_batch(finished_trajectories)` runs after each batch is checkpointed (counting this
+    rank's trajectories). Every argument is checked before anything is sampled or written. `world` defaults to the
+    launched one.
     """
     started = time.perf_counter()
     world = current_world() if world is None else world
     with collective_step(world, "checking the inputs") as setup:
-        recipe = CalibrationRecipe(num_trajectories, num_steps, num_selected, step_selection, float(cfg_scale),
-                                   float(shift), seed, batch_size)
+        recipe = CalibrationRecipe(**recipe)
+        num_trajectories, num_selected = recipe.num_trajectories, recipe.num_selected
         prompts = check_prompts(prompts)
         resolution = model.default_resolution if resolution is None else resolution
         latent_shape = model.latent_shape(resolution)
@@ -204,7 +138,7 @@ def calibrate(model: Model, prompts: Sequence[str], *, num_trajectories: int = 2
                                        for a in model.encode([UNCONDITIONAL_PROMPT]))
         fingerprint = _fingerprint(recipe, model, prompts, resolution, latent_shape,
                                    (cs, cs_pooled, cs_uncond, cs_pooled_uncond))
-        all_batches = batch_ranges(num_trajectories, batch_size)
+        all_batches = batch_ranges(num_trajectories, recipe.batch_size)
         batches = shard(all_batches, world)
         # (this rank's T, K, H, W, C): its trajectories in batch order, filled one batch at a time
         trajectories = np.empty((sum(map(len, batches)), num_selected) + latent_shape, dtype=np.float32)
@@ -254,8 +188,7 @@ def _sample_batches(model: Model, recipe: CalibrationRecipe, cs: np.ndarray, cs_
             noise = mx.array(np.stack([trajectory_noise(recipe.seed, i, latent_shape) for i in batch]))
             trajectories[finished:stop] = sample_selected_steps(denoiser, noise, sigmas, selected)
             # Rewrites every finished trajectory each time (simple and atomic; I/O ~ T^2 / B, small next to sampling).
-            save_npz(partial, {"xs": trajectories[:stop]}, {"recipe": record, "finished": stop},
-                     kind=PARTIAL_KIND, version=PARTIAL_VERSION)
+            save_partial(partial, trajectories[:stop], record)
             bar.update(len(batch))
             finished = stop
             if on_batch is not None:
@@ -307,7 +240,7 @@ def _write_set(output: Path, trajectories: np.ndarray, recipe: CalibrationRecipe
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"ranks": world.size} if world.size > 1 else {}),
     }
-    save_npz(output, arrays, meta, kind=KIND, version=VERSION)
+    save_calibration(output, arrays, meta)
 
 
 def partial_path(output: Path, world: World = World()) -> Path:
@@ -333,15 +266,13 @@ def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray, batch
     return how many there are."""
     start_over = "delete it or pass --no-resume to start over"
     try:
-        arrays, meta = load_npz(path, kind=PARTIAL_KIND, version=PARTIAL_VERSION, required={"xs": 5})
+        xs, saved = load_partial(path)
     except TaqFormatError as exc:
         raise TaqFormatError(f"cannot resume from {exc}; {start_over}") from None
-    saved = meta.get("recipe", {})
     differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differing:
         raise ValueError(f"{path} is a partial run of a different recipe (differs in: {', '.join(differing)}); "
                          f"{start_over}")
-    xs = arrays["xs"]
     finished = xs.shape[0]
     if xs.dtype != np.float32 or xs.shape[1:] != trajectories.shape[1:] or finished > trajectories.shape[0]:
         raise TaqFormatError(f"{path}: xs has {xs.dtype} {xs.shape}, expected float32 (<= "
@@ -351,82 +282,6 @@ def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray, batch
                              f"{start_over}")
     trajectories[:finished] = xs
     return finished
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """A validated calibration file; per-point arrays have length P, per-prompt arrays length M."""
-
-    xs: np.ndarray  # (P, H, W, C) float32
-    ts: np.ndarray  # (P,) float32
-    prompt_indices: np.ndarray  # (P,)
-    trajectory_indices: np.ndarray  # (P,)
-    step_indices: np.ndarray  # (P,)
-    cs: np.ndarray  # (M, L, token_dim)
-    cs_pooled: np.ndarray  # (M, pooled_dim)
-    cs_uncond: np.ndarray  # (L, token_dim)
-    cs_pooled_uncond: np.ndarray  # (pooled_dim,)
-    prompts: list[str]
-    cfg_scale: float
-    meta: dict
-
-    def __len__(self) -> int:
-        return self.xs.shape[0]
-
-
-def load_calibration(path: str | os.PathLike) -> CalibrationSet:
-    """Read and validate a calibration file; any inconsistency is a TaqFormatError naming the key."""
-    arrays, meta = load_npz(path, kind=KIND, version=VERSION, required=REQUIRED_KEYS)
-
-    def fail(message: str) -> TaqFormatError:
-        return TaqFormatError(f"{path}: {message}")
-
-    for key in ("xs", "ts", "cs", "cs_pooled", "cs_uncond", "cs_pooled_uncond"):
-        if arrays[key].dtype != np.float32:
-            raise fail(f"{key!r} has dtype {arrays[key].dtype}, expected float32")
-    for key in ("prompt_indices", "trajectory_indices", "step_indices"):
-        if not np.issubdtype(arrays[key].dtype, np.integer):
-            raise fail(f"{key!r} has dtype {arrays[key].dtype}, expected integers")
-    if arrays["prompts"].dtype.kind != "U":
-        raise fail(f"'prompts' has dtype {arrays['prompts'].dtype}, expected str")
-    num_points = arrays["xs"].shape[0]
-    for key in ("ts", "prompt_indices", "trajectory_indices", "step_indices"):
-        if arrays[key].shape[0] != num_points:
-            raise fail(f"{key!r} has {arrays[key].shape[0]} entries, 'xs' has {num_points} points")
-    num_prompts = arrays["prompts"].shape[0]
-    for key in ("cs", "cs_pooled"):
-        if arrays[key].shape[0] != num_prompts:
-            raise fail(f"{key!r} has {arrays[key].shape[0]} rows for {num_prompts} prompts")
-    if arrays["cs_uncond"].shape != arrays["cs"].shape[1:]:
-        raise fail(f"'cs_uncond' has shape {arrays['cs_uncond'].shape}, expected {arrays['cs'].shape[1:]}")
-    if arrays["cs_pooled_uncond"].shape != arrays["cs_pooled"].shape[1:]:
-        raise fail(f"'cs_pooled_uncond' has shape {arrays['cs_pooled_uncond'].shape}, "
-                   f"expected {arrays['cs_pooled'].shape[1:]}")
-    indices = arrays["prompt_indices"]
-    if num_points and (indices.min() < 0 or indices.max() >= num_prompts):
-        raise fail(f"'prompt_indices' range [{indices.min()}, {indices.max()}] is outside the {num_prompts} prompts")
-    if not np.isfinite(arrays["xs"]).all():
-        raise fail(f"'xs' holds {np.size(arrays['xs']) - np.isfinite(arrays['xs']).sum()} NaN or inf values")
-    _check_timesteps(arrays, meta, fail)
-    return CalibrationSet(**{k: arrays[k] for k in REQUIRED_KEYS if k not in ("prompts", "cfg_scale")},
-                          prompts=[str(p) for p in arrays["prompts"]], cfg_scale=float(arrays["cfg_scale"]),
-                          meta=meta)
-
-
-def _check_timesteps(arrays: dict, meta: dict, fail: Callable[[str], TaqFormatError]) -> None:
-    """Step indices must be selected steps and each t must be the model timestep of its step's sigma."""
-    for key in ("sigmas", "selected_steps"):
-        if key not in meta:
-            raise fail(f"metadata has no {key!r}")
-    steps = arrays["step_indices"]
-    unknown = np.setdiff1d(steps, meta["selected_steps"])
-    if unknown.size:
-        raise fail(f"'step_indices' holds steps {unknown[:5].tolist()} that are not among the selected steps")
-    if not np.array_equal(arrays["ts"], model_timesteps(np.asarray(meta["sigmas"]))[steps]):
-        raise fail("'ts' does not match 1000 * sigmas[step_indices] from the metadata")
 
 
 # --------------------------------------------------------------------------- command line
@@ -458,50 +313,27 @@ def check_prompts(prompts: Sequence[str], source: str = "prompts") -> list[str]:
     return list(prompts)
 
 
-def check_output_path(output: str | os.PathLike) -> Path:
-    """The output file must be creatable: its directory exists and is writable, and it is not a directory."""
-    output = Path(output)
-    parent = output.parent
-    if output.is_dir():
-        raise ValueError(f"output {output} is a directory; give a file name")
-    if not parent.exists():
-        raise FileNotFoundError(f"output directory {parent} does not exist")
-    if not parent.is_dir():
-        raise ValueError(f"output directory {parent} is not a directory")
-    try:  # a real probe: os.access says yes to root even on read-only file systems
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError:
-        raise PermissionError(f"output directory {parent} is not writable") from None
-    return output
-
-
-def check_resolution(model_name: str, resolution: int) -> None:
-    """The preset's resolution rule, checked before the model is loaded (Model.latent_shape checks it again)."""
-    config = get_preset(model_name)
-    step = LATENT_SCALE[model_name] * config.patch_size
-    if resolution <= 0 or resolution % step:
-        raise ValueError(f"resolution {resolution} must be a positive multiple of {step} for {model_name}")
-    if resolution // step > config.pos_embed_max_size:
-        raise ValueError(f"resolution {resolution} is larger than {model_name}'s positional grid allows "
-                         f"({config.pos_embed_max_size * step})")
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    recipe = CalibrationRecipe()  # the defaults shown are the recipe's
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model preset (default: %(default)s)")
     parser.add_argument("--checkpoint", help="SD3-layout weights for the sd3-medium preset")
     parser.add_argument("--embeddings", help="precomputed prompt embeddings file (taq-embeddings), \"\" included")
     parser.add_argument("--prompts", help="prompts file, one per line (default: the model's shipped prompts)")
-    parser.add_argument("--num-fid-samples", type=int, default=256, help="trajectories (default: %(default)s)")
-    parser.add_argument("--num-sampling-steps", type=int, default=100, help="Euler steps (default: %(default)s)")
-    parser.add_argument("--num-selected-steps", type=int, default=25,
+    parser.add_argument("--num-trajectories", "--num-fid-samples", dest="num_trajectories", type=int,
+                        default=recipe.num_trajectories,
+                        help="trajectories (--num-fid-samples is the seed's name) (default: %(default)s)")
+    parser.add_argument("--num-sampling-steps", dest="num_steps", type=int, default=recipe.num_steps,
+                        help="Euler steps (default: %(default)s)")
+    parser.add_argument("--num-selected-steps", dest="num_selected", type=int, default=recipe.num_selected,
                         help="steps kept per trajectory (default: %(default)s)")
-    parser.add_argument("--step-selection", choices=RULES, default="stride",
-                        help="stride: range(0, N, N // K) as TaQ-DiT's code; linspace: the seed's (default: stride)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (default: %(default)s)")
-    parser.add_argument("--shift", type=float, default=SD3_SHIFT, help="flow schedule shift (default: %(default)s)")
+    parser.add_argument("--step-selection", choices=RULES, default=recipe.step_selection,
+                        help="stride: range(0, N, N // K) as TaQ-DiT's code; linspace: the seed's "
+                             "(default: %(default)s)")
+    parser.add_argument("--cfg-scale", type=float, default=recipe.cfg_scale, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--shift", type=float, default=recipe.shift, help="flow schedule shift (default: %(default)s)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise and shuffle seed (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--seed", type=int, default=recipe.seed, help="noise and shuffle seed (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=recipe.batch_size,
                         help="trajectories per model call, 2x rows with CFG (default: %(default)s)")
     parser.add_argument("--output", default="calibration.npz", help="output .npz (default: %(default)s)")
     parser.add_argument("--no-resume", action="store_true",
@@ -509,16 +341,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    recipe = CalibrationRecipe(args.num_fid_samples, args.num_sampling_steps, args.num_selected_steps,
-                               args.step_selection, args.cfg_scale, args.shift, args.seed, args.batch_size)
-    get_preset(args.model)
-    if args.model == "pocket" and args.checkpoint is not None:
-        raise ValueError("the pocket model ships its own weights; --checkpoint is for SD3-layout models")
+    recipe = CalibrationRecipe(**{name: getattr(args, name) for name in CalibrationRecipe.__dataclass_fields__})
+    preset = check_checkpoint_option(args.model, args.checkpoint)
     if args.embeddings is not None and not Path(args.embeddings).is_file():
         raise FileNotFoundError(f"embeddings file {args.embeddings} does not exist")
     prompts = read_prompts(args.prompts) if args.prompts is not None else default_prompts(args.model)
-    resolution = DEFAULT_RESOLUTION[args.model] if args.resolution is None else args.resolution
-    check_resolution(args.model, resolution)
+    resolution = preset.default_resolution if args.resolution is None else args.resolution
+    preset.latent_shape(resolution)  # before the model is loaded
     output = check_output_path(args.output)
 
     model = load_model(args.model, checkpoint=args.checkpoint, embeddings=args.embeddings)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import taq
-from taq.io import TaqFormatError
+from taq.formats import TaqFormatError
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -26,9 +26,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     blas = taq.BLAS if platform.system() != "Linux" or _openblas_mapped() else "MLX's bundled reference BLAS"
     print(f"blas       {blas}")
     print("presets")
-    for name, cfg in PRESETS.items():
+    for name, preset in PRESETS.items():
+        cfg = preset.mmdit
         print(f"  {name:<11} depth {cfg.depth:>2}  hidden {cfg.hidden_size:>4}  heads {cfg.num_heads:>2}  "
-              f"patch {cfg.patch_size}  channels {cfg.in_channels:>2}  gelu {cfg.gelu}")
+              f"patch {cfg.patch_size}  channels {cfg.in_channels:>2}  gelu {cfg.gelu}  "
+              f"{'weights shipped' if preset.ships_weights else 'weights from --checkpoint or random'}")
 
 
 # Each stage module exposes `configure_parser(parser)` and `run_cli(args)`.

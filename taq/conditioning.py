@@ -14,10 +14,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from taq.io import load_npz, save_npz
+from taq.formats import embeddings
 
 Encoder = Callable[[list[str]], tuple[mx.array, mx.array]]
-EMBEDDINGS_KIND, EMBEDDINGS_VERSION = "taq-embeddings", 1
+UNCONDITIONAL_PROMPT = ""  # what classifier-free guidance contrasts the prompt with
 
 
 class RandomEncoder:
@@ -39,11 +39,9 @@ class PrecomputedEncoder:
     """Looks prompts up in an embeddings file written by `save_embeddings`."""
 
     def __init__(self, path: str | os.PathLike):
-        arrays, _ = load_npz(path, kind=EMBEDDINGS_KIND, version=EMBEDDINGS_VERSION,
-                             required={"prompts": 1, "tokens": 3, "pooled": 2})
+        prompts, self.tokens, self.pooled = embeddings.load_embeddings(path)
         self.path = path
-        self.index = {str(p): i for i, p in enumerate(arrays["prompts"])}
-        self.tokens, self.pooled = arrays["tokens"], arrays["pooled"]
+        self.index = {p: i for i, p in enumerate(prompts)}
 
     def __call__(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
         missing = [p for p in prompts if p not in self.index]
@@ -54,11 +52,10 @@ class PrecomputedEncoder:
 
 
 def save_embeddings(path: str | os.PathLike, prompts: list[str], encoder: Encoder) -> None:
-    """Encode prompts (include "" for the unconditional branch) once and store them for PrecomputedEncoder."""
+    """Encode prompts (include UNCONDITIONAL_PROMPT for the CFG branch) once and store them for
+    PrecomputedEncoder."""
     tokens, pooled = encoder(prompts)
-    save_npz(path, {"prompts": np.array(prompts), "tokens": np.array(tokens.astype(mx.float32)),
-                    "pooled": np.array(pooled.astype(mx.float32))}, {}, kind=EMBEDDINGS_KIND,
-             version=EMBEDDINGS_VERSION)
+    embeddings.save_embeddings(path, prompts, np.array(tokens.astype(mx.float32)), np.array(pooled.astype(mx.float32)))
 
 
 class DiffusionKitEncoder:
@@ -77,5 +74,5 @@ class DiffusionKitEncoder:
                                  "or a precomputed embeddings file (--embeddings)") from None
             self.pipeline = DiffusionPipeline(model_version="argmaxinc/mlx-stable-diffusion-3-medium", shift=3.0,
                                               low_memory_mode=False, w16=True, a16=True)
-        pairs = [self.pipeline.encode_text(p, cfg_weight=1.0, negative_text="") for p in prompts]
+        pairs = [self.pipeline.encode_text(p, cfg_weight=1.0, negative_text=UNCONDITIONAL_PROMPT) for p in prompts]
         return mx.concatenate([t[:1] for t, _ in pairs]), mx.concatenate([p[:1] for _, p in pairs])

@@ -1,4 +1,4 @@
-"""MMDiT configurations and named presets."""
+"""MMDiT configurations and the named presets (configuration plus per-model input facts)."""
 
 from __future__ import annotations
 
@@ -56,22 +56,56 @@ class MMDiTConfig:
         return cls(**data)
 
 
-PRESETS: dict[str, MMDiTConfig] = {
-    # SD3 Medium (2B): hidden = 64 * depth, head dim 64.
-    "sd3-medium": MMDiTConfig(depth=24, hidden_size=1536, num_heads=24),
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its MMDiT configuration and the facts about its inputs that do not live in the weights."""
+
+    name: str
+    mmdit: MMDiTConfig
+    latent_scale: int  # pixels per latent cell (SD3's VAE downsamples 8x; pocket's latent is the image)
+    default_resolution: int  # pixels, square
+    text_tokens: int  # tokens per prompt of the model's text encoder
+    ships_weights: bool = False  # trained weights inside the package; no --checkpoint
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(H, W, C) of the latent for a square image of `resolution` pixels; the one resolution rule."""
+        step = self.latent_scale * self.mmdit.patch_size
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % step:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {step} for {self.name} "
+                             f"(latent scale {self.latent_scale} x patch {self.mmdit.patch_size})")
+        if resolution // step > self.mmdit.pos_embed_max_size:
+            raise ValueError(f"resolution {resolution} is larger than {self.name}'s positional grid allows "
+                             f"({self.mmdit.pos_embed_max_size * step})")
+        side = resolution // self.latent_scale
+        return side, side, self.mmdit.in_channels
+
+
+PRESETS: dict[str, Preset] = {
+    # SD3 Medium (2B): hidden = 64 * depth, head dim 64; 77 CLIP + 77 T5 text tokens.
+    "sd3-medium": Preset("sd3-medium", MMDiTConfig(depth=24, hidden_size=1536, num_heads=24), latent_scale=8,
+                         default_resolution=512, text_tokens=154),
     # The embedded default: trained on 16x16x1 digit latents (taq/pocket).
-    "pocket": MMDiTConfig(depth=6, hidden_size=128, num_heads=2, in_channels=1, pos_embed_max_size=16,
-                          pooled_dim=32, token_dim=64),
+    "pocket": Preset("pocket", MMDiTConfig(depth=6, hidden_size=128, num_heads=2, in_channels=1,
+                                           pos_embed_max_size=16, pooled_dim=32, token_dim=64),
+                     latent_scale=1, default_resolution=16, text_tokens=16, ships_weights=True),
     # Random-weight sizes for tests.
-    "tiny": MMDiTConfig(depth=2, hidden_size=64, num_heads=2, in_channels=4, pos_embed_max_size=16,
-                        pooled_dim=32, token_dim=48),
-    "small": MMDiTConfig(depth=4, hidden_size=128, num_heads=2, in_channels=16, pos_embed_max_size=32,
-                         pooled_dim=64, token_dim=96),
+    "tiny": Preset("tiny", MMDiTConfig(depth=2, hidden_size=64, num_heads=2, in_channels=4, pos_embed_max_size=16,
+                                       pooled_dim=32, token_dim=48), latent_scale=1, default_resolution=16,
+                   text_tokens=16),
+    "small": Preset("small", MMDiTConfig(depth=4, hidden_size=128, num_heads=2, in_channels=16,
+                                         pos_embed_max_size=32, pooled_dim=64, token_dim=96), latent_scale=1,
+                    default_resolution=32, text_tokens=16),
 }
+DEFAULT_MODEL = "pocket"
 
 
-def get_preset(name: str) -> MMDiTConfig:
+def lookup(table: dict, name: str, what: str):
+    """table[name], or a ValueError naming the known entries ("unknown <what> 'x'; known <what>s: ...")."""
     try:
-        return PRESETS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown {what} {name!r}; known {what}s: {', '.join(table)}") from None
+
+
+def get_preset(name: str) -> Preset:
+    return lookup(PRESETS, name, "preset")

@@ -13,8 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from taq.io import atomic_path
-from taq.models.loading import DEFAULT_MODEL, load_model
+from taq.conditioning import UNCONDITIONAL_PROMPT
+from taq.formats import atomic_path
+from taq.loading import DEFAULT_MODEL, load_model
 from taq.sampling import SD3_SHIFT, CFGDenoiser, flow_sigmas, sample
 
 
@@ -26,7 +27,7 @@ def generate(model, prompts: list[str], *, steps: int = 100, cfg_scale: float = 
     shape = model.latent_shape(resolution or model.default_resolution)
     noise = np.stack([np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
                       for i in range(len(prompts))])
-    denoiser = CFGDenoiser(model.mmdit, model.encode(prompts), model.encode([""]), scale=cfg_scale)
+    denoiser = CFGDenoiser(model.mmdit, model.encode(prompts), model.encode([UNCONDITIONAL_PROMPT]), scale=cfg_scale)
     return np.array(sample(denoiser, mx.array(noise), flow_sigmas(steps, shift=shift)).astype(mx.float32))
 
 

@@ -34,55 +34,17 @@ from tqdm import tqdm
 import taq
 import mlx.core as mx
 
-from taq.calibration import CalibrationSet, check_output_path, load_calibration
-from taq.config import get_preset
 from taq.distributed import (World, check_agreement, collective_step, current_world, fail_together, gather_stats,
                              shard)
-from taq.io import TaqFormatError, file_sha256, load_npz, save_npz
-from taq.models.loading import DEFAULT_MODEL, Model, load_model
+from taq.formats import TaqFormatError, check_output_path, file_sha256
+from taq.formats.calibration import CalibrationSet, load_calibration
+from taq.formats.stats import save_stats
+from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
-from taq.tracing.stats import CELL_COUNTERS, timestep_key
+from taq.tracing.stats import timestep_key
 
-KIND, VERSION = "taq-stats", 1
 ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
              "ones; both rows are counted, so count = 2 x points x tokens per channel")
-
-# key -> ndim of every array in a stats file (L layers, T timesteps, C channels, bins)
-STATS_KEYS = {
-    "layers": 1, "timesteps": 1, "hist_range": 1, "bin_edges": 1, "present": 2,
-    "count": 3, "mean": 3, "std": 3, "m2": 3, "min": 3, "max": 3, "hist": 3,
-    "negative_fraction": 2, **{name: 2 for name in CELL_COUNTERS},
-}
-
-
-# --------------------------------------------------------------------------- stats file
-
-
-@dataclass
-class StatsFile:
-    stats: ActivationStats
-    arrays: dict[str, np.ndarray]  # exactly stats.to_arrays()
-    meta: dict
-
-
-def save_stats(path: str | os.PathLike, stats: ActivationStats, meta: dict) -> None:
-    """Write `stats.to_arrays()` and `meta` to `path` atomically."""
-    save_npz(path, stats.to_arrays(), meta, kind=KIND, version=VERSION)
-
-
-def load_stats(path: str | os.PathLike) -> StatsFile:
-    """Read and validate a stats file; any problem is a TaqFormatError naming the file and the key."""
-    arrays, meta = load_npz(path, kind=KIND, version=VERSION, required=STATS_KEYS)
-    try:
-        stats = ActivationStats.from_arrays(arrays)
-    except ValueError as exc:
-        raise TaqFormatError(f"{path}: {exc}") from None
-    rebuilt = stats.to_arrays()
-    for key, expected in rebuilt.items():  # derived keys (std, negative_fraction) must agree with the rest
-        if arrays[key].shape != expected.shape or not np.array_equal(arrays[key], expected, equal_nan=key != "layers"):
-            raise TaqFormatError(f"{path}: {key!r} is inconsistent with the other arrays (count, m2, hist, ...)")
-    return StatsFile(stats=stats, arrays=rebuilt, meta=meta)
-
 
 # --------------------------------------------------------------------------- the plan
 
@@ -295,9 +257,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     hist_spec = HistogramSpec(args.bins, *args.hist_range)
-    get_preset(args.model)
-    if args.model == "pocket" and args.checkpoint is not None:
-        raise ValueError("the pocket model ships its own weights; --checkpoint is for SD3-layout models")
+    check_checkpoint_option(args.model, args.checkpoint)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
     output = check_output_path(args.output)

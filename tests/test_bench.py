@@ -24,7 +24,7 @@ def test_forward_flops_counts_each_matmul_once():
 
 def test_sd3_medium_1024_step_matches_the_design_estimate():
     # DESIGN.md: 1.69e13 FLOP per 1024x1024 CFG step (batch 2, 154 text tokens).
-    flops = forward_flops(get_preset("sd3-medium"), 2, 64 * 64, 154)
+    flops = forward_flops(get_preset("sd3-medium").mmdit, 2, 64 * 64, 154)
     assert flops == pytest.approx(1.69e13, rel=0.02)
 
 

@@ -10,22 +10,20 @@ import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from taq.calibration import (
-    KIND,
-    VERSION,
-    CalibrationRecipe,
     calibrate,
     default_prompts,
-    load_calibration,
-    model_timesteps,
     partial_path,
     read_prompts,
     sample_selected_steps,
     shuffled_points,
     trajectory_noise,
 )
-from taq.io import TaqFormatError, save_npz
-from taq.models.loading import load_model
-from taq.sampling import CFGDenoiser, flow_sigmas, select_steps
+from taq.formats import TaqFormatError
+from taq.formats.calibration import KIND, VERSION, load_calibration
+from taq.formats.container import save_npz
+from taq.loading import load_model
+from taq.recipes import CalibrationRecipe
+from taq.sampling import CFGDenoiser, flow_sigmas, model_timesteps, select_steps
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 # Small but not trivial: uneven last batch (5 = 2 + 2 + 1), more trajectories than prompts.

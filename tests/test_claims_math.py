@@ -9,11 +9,13 @@ from hypothesis.extra.numpy import arrays
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
-from taq.claims import (
-    CLAIMS, THRESHOLDS, asymmetry_ratio, binned_mse, binned_squared_errors, channel_mean_shifts, fake_quantize,
-    measure, measure_all, outlier_fraction, outlier_ratio, per_timestep_ranges, symmetric_levels,
-    temporal_range_factor, time_aware_mse, top_fraction_floor, wasserstein_distance, wasted_levels_fraction,
+from taq.analysis.claims import CLAIMS, measure, measure_all
+from taq.analysis.measures import (
+    asymmetry_ratio, channel_mean_shifts, outlier_fraction, outlier_ratio, per_timestep_ranges, symmetric_levels,
+    temporal_range_factor, top_fraction_floor, wasserstein_distance, wasted_levels_fraction,
 )
+from taq.analysis.quant_error import binned_mse, binned_squared_errors, fake_quantize, time_aware_mse
+from taq.analysis.summary import summarize
 from taq.tracing import ActivationStats, CellStats, HistogramSpec
 
 FAST = settings(max_examples=60, deadline=None)
@@ -231,15 +233,19 @@ def test_wasserstein_distance_is_a_metric(h):
 # --------------------------------------------------------------------------- per layer
 
 
+OUTLIER_GAINS = np.r_[np.ones(98), 3.0, 6.0].astype(np.float32)  # 100 channels: the top 2% are two of different width
+
+
 @pytest.fixture(scope="module")
 def traced_arrays():
-    """Two timesteps of GELU activations of two layers: 'wide' has one outlier channel and drifts with time."""
+    """Two timesteps of GELU activations of two layers: 'wide' has two outlier channels of different widths (so the
+    smallest, mean and largest of the top 2% differ) and drifts with time."""
     rng = np.random.default_rng(0)
-    stats = ActivationStats(HistogramSpec(bins=128, lo=-1.0, hi=15.0))
+    stats = ActivationStats(HistogramSpec(bins=128, lo=-1.0, hi=40.0))
     values = {}
     for t, scale in ((100.0, 1.0), (900.0, 2.5)):
-        pre = rng.standard_normal((64, 50)).astype(np.float32)
-        for layer, x in (("narrow", pre), ("wide", pre * scale * np.r_[np.ones(49), 4.0].astype(np.float32))):
+        pre = rng.standard_normal((64, 100)).astype(np.float32)
+        for layer, x in (("narrow", pre), ("wide", pre * scale * OUTLIER_GAINS)):
             post = mx.array(x) * 0.5 * (1 + mx.erf(mx.array(x) / math.sqrt(2)))  # exact GELU
             stats.update(layer, t, CellStats.from_activations(post, stats.spec))
             values[layer, t] = np.array(post)
@@ -251,10 +257,22 @@ def test_measurements_match_direct_computation(traced_arrays):
     wide = np.concatenate([values["wide", 100.0], values["wide", 900.0]])
     m = measure(arrays, "wide", "asymmetry_ratio")
     assert m.value == pytest.approx(wide.max() / -wide.min(), rel=1e-6)
-    assert m.threshold == THRESHOLDS["asymmetry_ratio"].value and m.holds == (m.value >= m.threshold)
-    ranges = wide.max(axis=0) - wide.min(axis=0)
-    assert measure(arrays, "wide", "channel_outliers").value == pytest.approx(ranges[49] / np.median(ranges), rel=1e-6)
+    assert m.threshold == CLAIMS["asymmetry_ratio"].threshold and m.holds == (m.value >= m.threshold)
     assert measure(arrays, "wide", "temporal_range_drift").value > measure(arrays, "narrow", "temporal_range_drift").value
+
+
+def test_the_outlier_ratio_is_the_narrowest_of_the_widest_channels_everywhere(traced_arrays):
+    """The top 2% are channels 98 and 99 (gains 3 and 6): the claim and the summary table give
+    the narrower one over the median, not their mean nor the widest."""
+    arrays, values = traced_arrays
+    wide = np.concatenate([values["wide", 100.0], values["wide", 900.0]])
+    ranges = wide.max(axis=0) - wide.min(axis=0)
+    median = np.median(ranges)
+    expected = ranges[98] / median
+    assert abs(ranges[98:].mean() / median - expected) > 0.2 * expected  # the definitions are told apart here
+    assert measure(arrays, "wide", "channel_outliers").value == pytest.approx(expected, rel=1e-6)
+    (row,) = summarize(arrays, ["wide"])
+    assert row.outlier_ratio == pytest.approx(expected, rel=1e-6)
 
 
 def test_measure_all_covers_every_claim_and_layer_and_rejects_unknown_names(traced_arrays):

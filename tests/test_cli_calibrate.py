@@ -7,7 +7,8 @@ import pytest
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 import taq.calibration
-from taq.calibration import load_calibration, partial_path
+from taq.calibration import partial_path
+from taq.formats.calibration import load_calibration
 from taq.cli import main
 
 SMALL_RUN = ["--model", "tiny", "--num-fid-samples", "3", "--num-sampling-steps", "4", "--num-selected-steps", "2",
@@ -117,3 +118,15 @@ def test_missing_embeddings_file(tmp_path, capsys, no_model_loading):
 def test_nonpositive_trajectories(tmp_path, capsys, no_model_loading):
     check_refused([*SMALL_RUN, "--num-fid-samples", "0"], tmp_path / "cal.npz", capsys,
                   "num_trajectories must be >= 1")
+
+
+def test_num_trajectories_and_the_seeds_num_fid_samples_are_one_option(tmp_path):
+    runs = {}
+    for flag in ("--num-trajectories", "--num-fid-samples"):
+        output = tmp_path / f"{flag.strip('-')}.npz"
+        args = [*SMALL_RUN, "--output", str(output)]
+        args[args.index("--num-fid-samples")] = flag
+        assert main(["calibrate", *args]) == 0
+        runs[flag] = load_calibration(output)
+    assert len(runs["--num-trajectories"]) == len(runs["--num-fid-samples"]) == 6
+    np.testing.assert_array_equal(runs["--num-trajectories"].xs, runs["--num-fid-samples"].xs)

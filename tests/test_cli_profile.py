@@ -3,28 +3,8 @@ import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import pytest
 
 import taq.profiling
-from taq.calibration import calibrate
 from taq.cli import main
-from taq.models.loading import load_model
-from taq.pocket.prompts import CALIBRATION_PROMPTS
-from taq.profiling import load_stats
-
-
-def small_calibration(model_name, prompts, path):
-    """16 points: 4 trajectories x 4 timesteps."""
-    calibrate(load_model(model_name), prompts, num_trajectories=4, num_steps=8, num_selected=4, batch_size=4,
-              output=path, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_calibration(tmp_path_factory):
-    return small_calibration("tiny", ["a cat", "a dog"], tmp_path_factory.mktemp("tiny") / "cal.npz")
-
-
-@pytest.fixture(scope="module")
-def pocket_calibration(tmp_path_factory):
-    return small_calibration("pocket", list(CALIBRATION_PROMPTS[:3]), tmp_path_factory.mktemp("pocket") / "cal.npz")
+from taq.formats.stats import load_stats
 
 
 def test_profile_writes_the_stats_file_and_prints_one_line(pocket_calibration, tmp_path, capsys):

@@ -5,7 +5,7 @@ from taq.config import PRESETS, MMDiTConfig, get_preset
 
 
 def test_sd3_medium_preset_matches_the_published_architecture():
-    cfg = get_preset("sd3-medium")
+    cfg = get_preset("sd3-medium").mmdit
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.head_dim) == (24, 1536, 24, 64)
     assert (cfg.patch_size, cfg.in_channels, cfg.pos_embed_max_size) == (2, 16, 192)
     assert (cfg.pooled_dim, cfg.token_dim, cfg.frequency_embedding_dim) == (2048, 4096, 256)
@@ -14,7 +14,7 @@ def test_sd3_medium_preset_matches_the_published_architecture():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_round_trips_through_a_dict(name):
-    cfg = PRESETS[name]
+    cfg = PRESETS[name].mmdit
     assert MMDiTConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -1,5 +1,5 @@
 """taq's CUDA kernels against the portable MLX ops they replace. They run where MLX's CUDA backend is the default
-device (the lent H100, `.ci/run` on a CUDA machine); elsewhere the kernels are never used and these tests skip."""
+device (an NVIDIA GPU with `mlx[cuda13]`); elsewhere the kernels are never used and these tests skip."""
 
 from dataclasses import replace
 from functools import partial
@@ -99,7 +99,7 @@ def test_fused_kernels_match_the_portable_ops_to_rounding(op, dtype):
 
 def test_a_compiled_traced_sd3_width_forward_records_what_the_portable_reduction_does():
     mx.random.seed(0)
-    model = MMDiT(replace(get_preset("sd3-medium"), depth=2))
+    model = MMDiT(replace(get_preset("sd3-medium").mmdit, depth=2))
     model.set_dtype(mx.bfloat16)
     cfg = model.config
     keys = mx.random.split(mx.random.key(1), 3)

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
-from taq.calibration import load_calibration, partial_path
+from taq.calibration import partial_path
+from taq.formats.calibration import load_calibration
 from taq.cli import main
 from taq.distributed import (RankFailure, World, batch_ranges, check_agreement, collective_step, describe_failures,
                              gather_buffers, join_world, merge_in_rank_order, shard, stats_from_bytes, stats_to_bytes)
-from taq.profiling import load_stats
+from taq.formats.stats import load_stats
 from taq.tracing import ActivationStats, HistogramSpec
 from taq.tracing.stats import CellStats
 

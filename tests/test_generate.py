@@ -4,7 +4,7 @@ import pytest
 import taq  # noqa: F401
 from taq.cli import main
 from taq.generate import generate
-from taq.models.loading import load_model
+from taq.loading import load_model
 
 
 def test_generate_writes_a_png_for_the_pocket_model(tmp_path, capsys):

@@ -7,19 +7,19 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from test_summary import synthetic_post_gelu
 
-from taq.profiling import StatsFile, save_stats
+from taq.analysis.summary import summarize
+from taq.formats.stats import StatsFile, save_stats
 from taq.report.html import write_report
-from taq.report.summary import format_value, summarize
+from taq.report.tables import format_value
 
 CLAIMS = [
     {"claim": "post-GELU min stays above GELU's floor", "layer": "all", "measured": -0.16997, "threshold": -0.1701,
-     "outcome": "pass", "note": ""},
-    {"claim": "temporal range ratio > 2", "layer": "mm_03_img", "measured": 41.5, "threshold": 2.0,
-     "outcome": "xfail", "note": "tiny model"},
-    {"claim": "outlier ratio > 10", "layer": "mm_00_txt", "measured": 6.5, "threshold": 10, "outcome": "fail",
-     "note": "<b>raw & unescaped?</b>"},
+     "outcome": "holds", "expected": "holds", "as_expected": True, "note": ""},
+    {"claim": "temporal range ratio > 2", "layer": "mm_03_img", "measured": 1.5, "threshold": 2.0,
+     "outcome": "does not hold", "expected": "does not hold", "as_expected": True, "note": "tiny model"},
+    {"claim": "outlier ratio > 10", "layer": "mm_00_txt", "measured": 6.5, "threshold": 10,
+     "outcome": "does not hold", "expected": "holds", "as_expected": False, "note": "<b>raw & unescaped?</b>"},
 ]
 BENCHMARKS = {
     "datetime": "2026-11-25T10:00:00", "machine_info": {"node": "ci", "cpu": {"brand_raw": "Xeon"}},
@@ -53,8 +53,8 @@ def parse(page: str) -> PageParts:
 
 
 @pytest.fixture(scope="module")
-def stats():
-    return synthetic_post_gelu(tokens=64)[0]
+def stats(post_gelu_stats):
+    return post_gelu_stats
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +92,17 @@ def test_report_summary_table_holds_every_layer(report, stats):
 
 def test_report_claims_benchmarks_and_metadata(report):
     _, page = report
-    assert "1 pass, 1 xfail, 1 fail." in page
-    for outcome in ("pass", "xfail", "fail"):
-        assert f'<span class="outcome outcome-{outcome}">{outcome}</span>' in page
+    assert "1 holds, 2 does not hold; 1 differs from the expectations file." in page
+    for kind, outcome in (("holds", "holds"), ("not", "does not hold"), ("unexpected", "unexpected")):
+        assert f'<span class="outcome outcome-{kind}">{outcome}</span>' in page
     assert "&lt;b&gt;raw &amp; unescaped?&lt;/b&gt;" in page and "<b>raw" not in page
     assert "characterization/test_bench.py::test_cfg_step" in page and "12.3 ms" in page and "11.9 ms" in page
     assert "synthetic-mmdit" in page and "cfg_scale" in page and "(100 items)" in page  # long list shortened
     assert "Not run" not in page
 
 
-def test_report_from_a_stats_file_path_says_not_run_for_missing_parts(tmp_path):
-    small = synthetic_post_gelu(blocks=2, channels=16, tokens=8, timesteps=(1000.0, 500.0))[0]
+def test_report_from_a_stats_file_path_says_not_run_for_missing_parts(tmp_path, make_post_gelu_stats):
+    small = make_post_gelu_stats(blocks=2, channels=16, tokens=8, timesteps=(1000.0, 500.0))[0]
     save_stats(tmp_path / "stats.npz", small, {"model": "tiny"})
     index = write_report(tmp_path / "report", tmp_path / "stats.npz", layers=["mm_00_img"])
     page = index.read_text()

@@ -4,9 +4,9 @@ import pytest
 
 import taq  # noqa: F401
 from taq.conditioning import PrecomputedEncoder, RandomEncoder, save_embeddings
-from taq.io import TaqFormatError
+from taq.formats import TaqFormatError
 from taq.models.checkpoint import save_sd3_checkpoint
-from taq.models.loading import load_model
+from taq.loading import load_model
 
 
 def test_random_presets_are_seeded():

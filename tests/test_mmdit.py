@@ -23,14 +23,14 @@ def inputs(cfg, batch, size=8, tokens=7, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     mx.random.seed(0)
-    return MMDiT(get_preset("tiny"))
+    return MMDiT(get_preset("tiny").mmdit)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_output_has_the_latent_shape_and_model_dtype(preset, dtype, batch):
-    cfg = get_preset(preset)
+    cfg = get_preset(preset).mmdit
     mx.random.seed(1)
     model = MMDiT(cfg)
     model.set_dtype(dtype)
@@ -77,7 +77,7 @@ def test_every_ffn_activation_is_an_addressable_module(tiny):
 
 @pytest.mark.parametrize("gelu, reference", [("tanh", nn.gelu_approx), ("exact", nn.gelu)])
 def test_gelu_flavour_is_a_config_field(gelu, reference):
-    act = MMDiT(replace(get_preset("tiny"), gelu=gelu)).joint_blocks[0].x_block.mlp.act
+    act = MMDiT(replace(get_preset("tiny").mmdit, gelu=gelu)).joint_blocks[0].x_block.mlp.act
     x = mx.linspace(-4, 4, 801)
     assert act.form == gelu
     np.testing.assert_array_equal(np.array(act(x)), np.array(reference(x)))
@@ -110,7 +110,7 @@ def test_bad_inputs_give_clear_errors(tiny, change, message):
 def test_sd3_medium_width_at_512px_gives_a_finite_output():
     # SD3 Medium's width and a 512x512 latent (64x64x16, 154 tokens, CFG batch 2), 2 of the 24 blocks to keep
     # the test small; benchmarks/ runs all 24.
-    cfg = replace(get_preset("sd3-medium"), depth=2)
+    cfg = replace(get_preset("sd3-medium").mmdit, depth=2)
     mx.random.seed(0)
     model = MMDiT(cfg)  # float32: the CPU's BLAS has no fast bfloat16 path
     out = model(*inputs(cfg, 2, size=64, tokens=154))

@@ -1,10 +1,10 @@
 import pytest
 
 import taq  # noqa: F401
-from taq.calibration import CalibrationRecipe
 from taq.cli import main
-from taq.models.loading import load_model
-from taq.pipeline import Recipe, run_report
+from taq.loading import load_model
+from taq.pipeline import run_report
+from taq.recipes import CalibrationRecipe, Recipe
 
 SMALL = Recipe("test", CalibrationRecipe(num_trajectories=2, num_steps=4, num_selected=2, batch_size=2),
                num_samples=4, profile_batch_size=4)

@@ -5,10 +5,9 @@ import matplotlib.image
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_summary import TIMESTEPS, synthetic_post_gelu
 
 from taq.cli import main
-from taq.profiling import save_stats
+from taq.formats.stats import save_stats
 from taq.report.plots import (
     GELU_MINIMUM, channel_ranges_figure, default_layers, heatmap_figure, histogram_figure,
     negative_fraction_figure, range_vs_timestep_figure, write_figures,
@@ -21,17 +20,18 @@ ALL_LAYER_FIGURES = ["range_vs_timestep_all.png", "range_vs_timestep_img.png", "
 
 
 @pytest.fixture(scope="module")
-def stats():
-    return synthetic_post_gelu(tokens=64)[0]
+def stats(post_gelu_stats):
+    return post_gelu_stats
 
 
 @pytest.fixture(scope="module")
-def holey_stats():
+def holey_stats(synthetic_timesteps):
     """A layer that never saw data, a timestep missing from one layer, a channel that was NaN throughout."""
     spec = HistogramSpec(128, -1.0, 15.0)
     stats = ActivationStats(spec, ["mm_00_img", "mm_01_img", "mm_00_txt", "mm_01_txt"])
     rng = np.random.default_rng(1)
-    for layer, steps in (("mm_00_img", TIMESTEPS), ("mm_01_img", TIMESTEPS[:3]), ("mm_00_txt", TIMESTEPS)):
+    for layer, steps in (("mm_00_img", synthetic_timesteps), ("mm_01_img", synthetic_timesteps[:3]),
+                         ("mm_00_txt", synthetic_timesteps)):
         for t in steps:
             x = np.maximum(rng.standard_normal((64, 32)), -0.17).astype(np.float32)
             x[:, 5] = np.nan
@@ -72,7 +72,7 @@ def test_layer_filter_restricts_every_figure(stats, tmp_path):
     heatmap = heatmap_figure(stats, "mean", ["mm_04_txt", "mm_01_txt"])
     assert [t.get_text() for t in heatmap.axes[0].get_yticklabels()] == ["mm_01_txt", "mm_04_txt"]  # by depth
     ranges = range_vs_timestep_figure(stats, ["mm_04_txt", "mm_01_txt"])
-    assert "2 shown" in ranges._suptitle.get_text()
+    assert "2 shown" in ranges.get_suptitle()
 
 
 def test_unknown_layers_are_named_and_known_layers_listed(stats, tmp_path):
@@ -95,13 +95,13 @@ def test_default_layers_are_first_middle_last_image_and_middle_text():
 # --------------------------------------------------------------------------- what the figures show
 
 
-def test_timestep_axes_run_in_denoising_order(stats):
+def test_timestep_axes_run_in_denoising_order(stats, synthetic_timesteps):
     for fig in (range_vs_timestep_figure(stats), range_vs_timestep_figure(stats, stream="img")):
         left, right = fig.axes[1].get_xlim()
-        assert left > max(TIMESTEPS) and right < min(TIMESTEPS)
+        assert left > max(synthetic_timesteps) and right < min(synthetic_timesteps)
     heatmap = negative_fraction_figure(stats)
     labels = [float(t.get_text()) for t in heatmap.axes[0].get_xticklabels()]
-    assert labels == sorted(TIMESTEPS, reverse=True)
+    assert labels == sorted(synthetic_timesteps, reverse=True)
 
 
 def test_range_lines_are_the_cells_max(stats):
@@ -112,12 +112,12 @@ def test_range_lines_are_the_cells_max(stats):
     np.testing.assert_allclose(solid[0].get_ydata(), arrays["max"][4].max(axis=-1))  # mm_02_img is row 4
 
 
-def test_histogram_marks_the_gelu_minimum_on_a_log_axis(stats):
+def test_histogram_marks_the_gelu_minimum_on_a_log_axis(stats, synthetic_timesteps):
     fig = histogram_figure(stats, "mm_03_img")
     full = fig.axes[0]
     assert full.get_yscale() == "log"
     assert any(np.allclose(line.get_xdata(), GELU_MINIMUM) for line in full.get_lines())
-    assert len(full.patches) == len(TIMESTEPS)  # one step outline per timestep
+    assert len(full.patches) == len(synthetic_timesteps)  # one step outline per timestep
 
 
 def test_channel_ranges_highlight_the_top_fraction(stats):

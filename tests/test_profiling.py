@@ -10,46 +10,18 @@ from hypothesis import given, settings, strategies as st
 from mlx.utils import tree_flatten
 
 import taq.profiling
-from taq.calibration import CalibrationSet, calibrate, load_calibration
-from taq.io import META_KEY, TaqFormatError, file_sha256, save_npz
-from taq.models.loading import load_model
-from taq.pocket.prompts import CALIBRATION_PROMPTS
-from taq.profiling import (ForwardBatch, batch_inputs, load_stats, plan_batches, profile, sample_points,
-                           save_stats)
+from taq.formats.calibration import CalibrationSet, load_calibration
+from taq.formats.container import META_KEY, TaqFormatError, file_sha256, save_npz
+from taq.formats.stats import load_stats, save_stats
+from taq.loading import load_model
+from taq.profiling import ForwardBatch, batch_inputs, plan_batches, profile, sample_points
 from taq.tracing import ActivationStats, CellStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
 
 TANH_GELU_MIN = -0.17004075  # at x = -0.7525; float32 rounding of the activation may reach 1e-6 lower
 FLOAT32_SLACK = 1e-6
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
-def small_calibration(model, prompts, path):
-    calibrate(model, prompts, num_trajectories=4, num_steps=8, num_selected=4, batch_size=4, output=path,
-              progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    return load_model("tiny")
-
-
-@pytest.fixture(scope="session")
-def tiny_calibration(tiny_model, tmp_path_factory):
-    """16 points: 4 trajectories x 4 timesteps, 3 prompts."""
-    return small_calibration(tiny_model, ["a cat", "a dog", "a red bird"], tmp_path_factory.mktemp("tiny") / "cal.npz")
-
-
-@pytest.fixture(scope="session")
-def pocket_model():
-    return load_model()
-
-
-@pytest.fixture(scope="session")
-def pocket_calibration(pocket_model, tmp_path_factory):
-    return small_calibration(pocket_model, list(CALIBRATION_PROMPTS[:4]), tmp_path_factory.mktemp("pocket") / "cal.npz")
+# --------------------------------------------------------------------------- helpers
 
 
 def module_identities(model: nn.Module) -> dict[str, int]:

@@ -11,47 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from taq.report.summary import (
-    LayerSummary, cell_max, cell_min, cell_quantile, format_console, format_csv, format_markdown,
-    histogram_quantile, outlier_channels, pooled_moments, select_layers, summarize, write_summary,
-)
+from taq.analysis.claims import measure
+from taq.analysis.cells import cell_max, cell_min, cell_quantile, histogram_quantile, pooled_moments, select_layers
+from taq.analysis.measures import outlier_channels
+from taq.analysis.summary import LayerSummary, summarize
+from taq.report.tables import format_console, format_csv, format_markdown, write_summary
 from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec
 
-TIMESTEPS = (1000.0, 875.0, 700.0, 450.0, 30.0)  # 1000 * sigma, denoising order
-CHANNELS = 512
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def synthetic_post_gelu(blocks: int = 6, channels: int = CHANNELS, tokens: int = 128, seed: int = 0,
-                        timesteps=TIMESTEPS, spec: HistogramSpec = HistogramSpec()):
-    """ActivationStats of GELU(pre-activations) for layers mm_{b:02d}_img|txt (the last block has no text FFN),
-    plus the raw (tokens, C) activations per (layer, t). Pre-activations drift with t and depth; 2% of channels
-    are outliers (pre-activation scaled 10-50x, centred lower so only their tail is large)."""
-    rng = np.random.default_rng(seed)
-    names = [f"mm_{b:02d}_{s}" for b in range(blocks) for s in ("img", "txt") if (b, s) != (blocks - 1, "txt")]
-    stats, raw = ActivationStats(spec, names), {}
-    for name in names:
-        block = int(name[3:5])
-        centre = rng.uniform(-1.2, 0.2, channels)
-        outliers = rng.choice(channels, max(1, channels // 50), replace=False)
-        scale = np.ones(channels)
-        scale[outliers] = rng.uniform(10, 50, outliers.size)
-        centre[outliers] -= 2.0
-        for t in timesteps:
-            late = 1 - t / 1000
-            spread = (0.4 + 0.5 * late) * (1 + 0.15 * block)
-            x = gelu_tanh((centre + 0.4 * late + spread * rng.standard_normal((tokens, channels))) * scale)
-            raw[name, t] = x.astype(np.float32)
-            stats.update(name, t, CellStats.from_activations(mx.array(raw[name, t]), spec))
-    return stats, raw
-
-
 @pytest.fixture(scope="module")
-def fixture_stats():
-    return synthetic_post_gelu()
+def fixture_stats(post_gelu_stats_and_values):
+    return post_gelu_stats_and_values
 
 
 # --------------------------------------------------------------------------- histogram_quantile
@@ -161,27 +130,44 @@ def test_outlier_channels_are_the_widest_ceil_fraction():
 # --------------------------------------------------------------------------- the summary table
 
 
-def direct_summary(raw: dict, layer: str, fraction: float = 0.02) -> dict:
-    """The table's columns computed from the raw activations (float64 NumPy)."""
-    cells = [raw[layer, t].astype(np.float64) for t in TIMESTEPS]
+def direct_summary(raw: dict, layer: str, timesteps, fraction: float = 0.02) -> dict:
+    """The table's exact columns computed from the raw activations (float64 NumPy)."""
+    cells = [raw[layer, t].astype(np.float64) for t in timesteps]
     values = np.concatenate([c.ravel() for c in cells])
     per_channel = np.concatenate(cells, axis=0)  # (T * tokens, C)
     ranges = per_channel.max(axis=0) - per_channel.min(axis=0)
     top = np.sort(ranges)[::-1][: math.ceil(fraction * ranges.size)]
-    step_ranges = [c.max() - c.min() for c in cells]
     return {"min": values.min(), "max": values.max(), "mean": values.mean(), "std": values.std(),
             "negative_fraction": np.mean(values < 0), "asymmetry": values.max() / abs(values.min()),
-            "outlier_ratio": top.mean() / np.median(ranges), "temporal_ratio": max(step_ranges) / min(step_ranges)}
+            "outlier_ratio": top.min() / np.median(ranges)}
 
 
-def test_summary_equals_direct_computation_on_the_activations(fixture_stats):
+def test_summary_equals_direct_computation_on_the_activations(fixture_stats, synthetic_timesteps):
     stats, raw = fixture_stats
     rows = {row.layer: row for row in summarize(stats)}
     assert set(rows) == set(stats.layers)
     for layer in stats.layers:
-        expected = direct_summary(raw, layer)
+        expected = direct_summary(raw, layer, synthetic_timesteps)
         for column, value in expected.items():
             assert getattr(rows[layer], column) == pytest.approx(value, rel=1e-5), (layer, column)
+
+
+def test_summary_ratios_are_the_claims_numbers(fixture_stats, synthetic_timesteps):
+    """One definition per quantity: the table's asymmetry, outlier and temporal ratios are the claims' values; where
+    the p99.9 lies inside the histogram's range, the temporal ratio (from histogram percentiles) is within a few
+    percent of the exact p0.1..p99.9 ranges' ratio."""
+    stats, raw = fixture_stats
+    arrays = stats.to_arrays()
+    compared = 0
+    for row in summarize(stats):
+        for column, claim in (("asymmetry", "asymmetry_ratio"), ("outlier_ratio", "channel_outliers"),
+                              ("temporal_ratio", "temporal_range_drift")):
+            assert getattr(row, column) == measure(arrays, row.layer, claim).value, (row.layer, column)
+        if np.isfinite(row.temporal_ratio):
+            exact = [np.subtract(*np.quantile(raw[row.layer, t], [0.999, 0.001])) for t in synthetic_timesteps]
+            assert row.temporal_ratio == pytest.approx(max(exact) / min(exact), rel=0.05)
+            compared += 1
+    assert compared >= 3
 
 
 def test_summary_orders_image_layers_first_unless_layers_are_given(fixture_stats):
@@ -201,7 +187,7 @@ def test_unknown_layers_are_named_with_the_known_ones(fixture_stats):
 def test_empty_layers_cells_and_nan_values_give_na_rows_not_errors():
     spec = HistogramSpec(64, -1.0, 7.0)
     stats = ActivationStats(spec, ["mm_00_img", "mm_01_img"])  # mm_01_img never gets data
-    x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    x = np.clip(np.random.default_rng(0).standard_normal((32, 8)), -0.9, 6.9).astype(np.float32)  # inside the bins
     x[:, 3] = np.nan  # a channel without a single finite value
     stats.update("mm_00_img", 500.0, CellStats.from_activations(mx.array(x), spec))
     stats.update("mm_00_img", 100.0, CellStats.from_activations(mx.array(x[:0]), spec))  # an empty cell

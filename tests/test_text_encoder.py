@@ -110,7 +110,7 @@ def test_unknown_config_fields_are_refused():
 def test_pocket_encoder_gives_sd3s_two_inputs_at_the_pocket_mmdit_sizes():
     from taq.config import get_preset
 
-    mmdit = get_preset("pocket")
+    mmdit = get_preset("pocket").mmdit
     mx.random.seed(0)
     tokens, pooled = TextEncoder(pocket_text_encoder_config()).encode(["a scribbled seven", "", "handwritten 3"])
     assert tokens.shape == (3, 16, mmdit.token_dim) and pooled.shape == (3, mmdit.pooled_dim)

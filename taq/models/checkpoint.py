@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from taq.config import MMDiTConfig
-from taq.io import TaqFormatError, atomic_path
+from taq.formats import TaqFormatError, atomic_path
 from taq.models.mmdit import MMDiT
 
 SD3_PREFIX = "model.diffusion_model."

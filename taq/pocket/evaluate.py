@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from taq.io import atomic_path
+from taq.formats import atomic_path
 from taq.pocket import DEFAULT_WEIGHTS, load_pocket
 from taq.pocket.data import LATENT_SIZE, MAX_INTENSITY, NUM_CLASSES, DigitSplit, latents_to_images, split_digits
 from taq.pocket.prompts import UNCONDITIONAL_PROMPT, canonical_prompt

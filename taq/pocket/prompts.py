@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from taq.conditioning import UNCONDITIONAL_PROMPT
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-UNCONDITIONAL_PROMPT = ""
 
 TEMPLATES = (
     "a handwritten digit {word}",

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from taq.config import MMDiTConfig, get_preset
-from taq.io import load_npz, save_npz
+from taq.formats.container import load_npz, save_npz
 from taq.models.checkpoint import load_into
 from taq.models.mmdit import zero_init_modulation
 from taq.pocket import PocketModel, save_pocket
@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, out: str | Path, mmdit_config: MMDiTConfig | None = 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path, state_path = companion_paths(out)
-    mmdit_config = mmdit_config or get_preset("pocket")
+    mmdit_config = mmdit_config or get_preset("pocket").mmdit
     text_config = text_config or pocket_text_encoder_config()
 
     split = split_digits(seed=cfg.split_seed)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import taq
-from taq.io import atomic_path
+from taq.analysis.cells import select_layers, stats_arrays
+from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES
+from taq.analysis.measures import OUTLIER_FRACTION
+from taq.analysis.summary import LayerSummary, summarize
+from taq.formats import atomic_path
+from taq.formats.stats import load_stats
 from taq.report.plots import WrittenFigure, prepare_output_dir, write_figures
-from taq.report.summary import (
-    DEFAULT_OUTLIER_FRACTION, HEADERS, LayerSummary, footnotes, format_value, select_layers, stats_arrays,
-    summarize, write_summary,
-)
+from taq.report.tables import HEADERS, footnotes, format_value, write_summary
 
 FIGURES_DIR = "figures"
 CLAIM_COLUMNS = ("claim", "layer", "measured", "threshold", "outcome", "note")
@@ -49,8 +51,8 @@ figure { margin: 1.2rem 0 2rem; } figure img { max-width: 100%; height: auto; bo
 figcaption { color: #4a5367; font-size: 0.9rem; margin-top: 0.3rem; }
 .notrun { color: #7a8194; font-style: italic; } .footnotes { font-size: 0.85rem; color: #4a5367; }
 .outcome { font-weight: 700; padding: 0.05rem 0.45rem; border-radius: 0.3rem; }
-.outcome-pass { background: #d8f3df; color: #14612b; } .outcome-fail { background: #fbdada; color: #8f1717; }
-.outcome-xfail { background: #fdf0cf; color: #7a5300; } .outcome-other { background: #e6e8ee; color: #39425a; }
+.outcome-holds { background: #d8f3df; color: #14612b; } .outcome-not { background: #e3e9f6; color: #2f4370; }
+.outcome-unexpected { background: #fbdada; color: #8f1717; } .outcome-other { background: #e6e8ee; color: #39425a; }
 """
 
 
@@ -153,17 +155,24 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
         return _not_run("claims")
     if not claims:
         return "<p>The claims suite ran but reported no claims.</p>"
-    outcomes = [str(c.get("outcome", "")).lower() for c in claims]
-    known_first = [o for o in ("pass", "xfail", "fail") if o in outcomes] + outcomes
-    tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(known_first))
-    head = "".join(f"<th>{_e(c)}</th>" for c in CLAIM_COLUMNS)
+    outcomes = [str(c.get("outcome", "")) for c in claims]
+    tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(list(OUTCOMES) + outcomes) if o in outcomes)
+    surprises = sum(1 for c in claims if c.get("as_expected") is False)
+    if any("as_expected" in c for c in claims):
+        verb = "differs" if surprises == 1 else "differ"
+        tally += f"; {surprises} {verb} from the expectations file" if surprises else "; all as expected"
+    columns = CLAIM_COLUMNS + (("expected",) if any("expected" in c for c in claims) else ())
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     rows = []
-    for claim, outcome in zip(claims, outcomes):
+    for claim in claims:
         cells = []
-        for column in CLAIM_COLUMNS:
+        for column in columns:
             if column == "outcome":
-                kind = outcome if outcome in ("pass", "fail", "xfail") else "other"
-                cells.append(f'<td><span class="outcome outcome-{kind}">{_e(outcome or "?")}</span></td>')
+                outcome = str(claim.get("outcome", "?"))
+                kind = {HOLDS: "holds", DOES_NOT_HOLD: "not"}.get(outcome, "other")
+                unexpected = ' <span class="outcome outcome-unexpected">unexpected</span>' \
+                    if claim.get("as_expected") is False else ""
+                cells.append(f'<td><span class="outcome outcome-{kind}">{_e(outcome)}</span>{unexpected}</td>')
             else:
                 cells.append(_cell(claim.get(column)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -195,7 +204,7 @@ def benchmarks_section(benchmarks: Mapping | None) -> str:
 def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure], report_dir: Path, *,
                   stats_meta: Mapping | None = None, calibration_meta: Mapping | None = None,
                   claims: Sequence[Mapping] | None = None, benchmarks: Mapping | None = None,
-                  outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> str:
+                  outlier_fraction: float = OUTLIER_FRACTION) -> str:
     """The page as a string; figure paths are made relative to report_dir."""
     model = (stats_meta or {}).get("model") or (calibration_meta or {}).get("model") or "unknown model"
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -225,15 +234,13 @@ def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure]
 def write_report(report_dir: str | Path, stats_file, *, calibration_meta: Mapping | None = None,
                  claims: Sequence[Mapping] | None = None, benchmarks: Mapping | None = None,
                  layers: Sequence[str] | None = None,
-                 outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> Path:
+                 outlier_fraction: float = OUTLIER_FRACTION) -> Path:
     """Write report_dir/index.html with figures/ and summary.md/csv beside it; returns the index path.
 
     `stats_file`: a stats file path, or a loaded stats file / ActivationStats / arrays dict. `claims`: dicts with
     the keys of CLAIM_COLUMNS; `benchmarks`: pytest-benchmark's JSON as a dict. None renders as "not run".
     """
     if isinstance(stats_file, (str, os.PathLike)):
-        from taq.profiling import load_stats
-
         stats_file = load_stats(stats_file)
     stats_meta = getattr(stats_file, "meta", None)
     select_layers(stats_arrays(stats_file), layers)  # unknown names fail before anything is created

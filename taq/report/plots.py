@@ -25,16 +25,18 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from taq.io import atomic_path
-from taq.report.summary import (
-    DEFAULT_OUTLIER_FRACTION, cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile,
-    channel_ranges, display_order, format_console, layer_block, layer_names, layer_stream, nan_max, nan_min,
-    outlier_channels, select_layers, stats_arrays, summarize, write_summary,
-)
+from taq.analysis.cells import (cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile,
+                                channel_ranges, display_order, layer_block, layer_names, layer_stream, nan_max,
+                                nan_min, select_layers, stats_arrays)
+from taq.analysis.measures import OUTLIER_FRACTION, RANGE_QUANTILES, outlier_channels, outlier_ratio
+from taq.analysis.summary import summarize
+from taq.formats import atomic_path
+from taq.formats.stats import load_stats
+from taq.report.tables import format_console, write_summary
 
 DPI = 120
 GELU_MINIMUM = -0.170  # both GELU forms bottom out here (exact -0.169971, tanh -0.170041)
-LOW_Q, HIGH_Q = 0.001, 0.999
+LOW_Q, HIGH_Q = RANGE_QUANTILES
 TIME_LABEL = "timestep t = 1000·σ   (denoising order: 1000 → 0)"
 NOTE_COLOR = "firebrick"
 STREAMS = {"img": ("image", "Blues"), "txt": ("text", "Oranges")}
@@ -269,7 +271,7 @@ def histogram_figure(stats, layer: str) -> Figure:
 # --------------------------------------------------------------------------- channel ranges
 
 
-def channel_ranges_figure(stats, layer: str, outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> Figure:
+def channel_ranges_figure(stats, layer: str, outlier_fraction: float = OUTLIER_FRACTION) -> Figure:
     """Each channel's span over the calibration set (min over timesteps of its min to max over timesteps of its
     max), by channel index (top) and sorted (bottom, log scale); the widest `outlier_fraction` highlighted."""
     arrays = stats_arrays(stats)
@@ -313,8 +315,8 @@ def channel_ranges_figure(stats, layer: str, outlier_fraction: float = DEFAULT_O
         bottom.set_yscale("log")  # ranges spanning decades
     bottom.set_xlabel("channels sorted by range (widest first)")
     bottom.set_ylabel("range" + (", log scale" if bottom.get_yscale() == "log" else ""))
-    ratio = float(ranges[outliers].mean()) / median if median > 0 else float("inf")
-    bottom.set_title(f"outlier ratio (mean of top {pct} / median) = {ratio:.3g}", fontsize=10)
+    bottom.set_title(f"outlier ratio (smallest of the top {pct} / median) = "
+                     f"{outlier_ratio(ranges, outlier_fraction):.3g}", fontsize=10)
     bottom.legend(loc="upper right", fontsize=8)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
@@ -406,7 +408,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def write_figures(stats, output_dir: str | Path, layers: Sequence[str] | None = None,
-                  outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> list[WrittenFigure]:
+                  outlier_fraction: float = OUTLIER_FRACTION) -> list[WrittenFigure]:
     """Write every figure into output_dir (which must exist). `layers` restricts all figures and sets the
     per-layer ones (default: `default_layers`). Stream variants with no selected layer are skipped."""
     arrays = stats_arrays(stats)
@@ -447,7 +449,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="layer names (e.g. mm_00_img mm_12_txt): restricts all figures and the table; "
                              "default: all layers, per-layer figures for the first/middle/last image layer and "
                              "the middle text layer")
-    parser.add_argument("--outlier-fraction", type=float, default=DEFAULT_OUTLIER_FRACTION,
+    parser.add_argument("--outlier-fraction", type=float, default=OUTLIER_FRACTION,
                         help="fraction of widest channels highlighted as outliers (default: %(default)s)")
 
 
@@ -460,8 +462,6 @@ def prepare_output_dir(path: str | Path) -> Path:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    from taq.profiling import load_stats
-
     if not 0 < args.outlier_fraction <= 1:
         raise ValueError(f"--outlier-fraction must lie in (0, 1], got {args.outlier_fraction}")
     stats = load_stats(args.stats_file)

@@ -49,3 +49,8 @@ def sigma_to_timestep(sigma):
 def timestep_to_sigma(timestep):
     """The noise level for a model timestep (floats or arrays)."""
     return timestep / TIMESTEP_SCALE
+
+
+def model_timesteps(sigmas) -> np.ndarray:
+    """t = 1000 * sigma rounded as the sampler computes it (float32 sigma times 1000, in float32)."""
+    return np.asarray(sigmas, dtype=np.float64).astype(np.float32) * np.float32(TIMESTEP_SCALE)

@@ -1,25 +1,17 @@
-"""Numbers behind the report: per-(layer, timestep) aggregates, histogram percentiles, the per-layer summary table.
+"""Reading the statistics arrays: layer names and order, and per-(layer, timestep) aggregates.
 
 Everything here reads the arrays of `ActivationStats.to_arrays()` (`stats_arrays` accepts a stats file, the
 container or the dict): per-channel statistics (L, T, C) with NaN where a channel saw no finite value, histograms
-(L, T, bins) over a fixed range, counters (L, T). Cells without data give NaN, never an exception.
+(L, T, bins) over a fixed range, counters (L, T). Cells without data give NaN, never an exception. Pure NumPy.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import re
-from dataclasses import astuple, dataclass, fields
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from taq.io import atomic_path
-
-DEFAULT_OUTLIER_FRACTION = 0.02  # the seed's "top 2%" highlight; a display choice, not TaQ-DiT's number
 LAYER_NAME = re.compile(r"mm_(\d+)_(img|txt)")
 
 
@@ -178,163 +170,3 @@ def channel_ranges(arrays: dict, layer: int) -> np.ndarray:
     """(C,) each channel's span over the whole calibration set of one layer: max over timesteps of its max minus
     min over timesteps of its min (what one static per-channel quantization range must cover); NaN if empty."""
     return nan_max(arrays["max"][layer], axis=0) - nan_min(arrays["min"][layer], axis=0)
-
-
-def outlier_channels(ranges: np.ndarray, fraction: float = DEFAULT_OUTLIER_FRACTION) -> np.ndarray:
-    """Indices of the ceil(fraction * C) channels with the widest finite range (at least one unless none is
-    finite), widest first."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"outlier fraction must lie in (0, 1], got {fraction}")
-    finite = np.flatnonzero(np.isfinite(ranges))
-    k = min(max(1, math.ceil(fraction * ranges.shape[0])), finite.size)
-    return finite[np.argsort(-ranges[finite], kind="stable")[:k]]
-
-
-# --------------------------------------------------------------------------- per-layer summary
-
-
-@dataclass(frozen=True)
-class LayerSummary:
-    """One layer over all its timesteps and channels (finite values only; NaN where there are none).
-
-    - min, max: smallest and largest activation.
-    - mean, std: mean and population standard deviation of all values (pooled over channels and timesteps).
-    - negative_fraction: fraction of values < 0.
-    - asymmetry: max / |min|; post-GELU values are bounded below by -0.17, so a large ratio means most of a
-      symmetric quantization grid is wasted on the negative side.
-    - outlier_ratio: mean range of the top `fraction` channels / median channel range, where a channel's range
-      is its max over timesteps minus its min over timesteps (`channel_ranges`).
-    - temporal_ratio: largest / smallest per-timestep range (max - min over the layer's channels at one
-      timestep), over the timesteps with data: how far a single static range is from the per-step ones.
-    """
-
-    layer: str
-    min: float
-    max: float
-    mean: float
-    std: float
-    negative_fraction: float
-    asymmetry: float
-    outlier_ratio: float
-    temporal_ratio: float
-
-
-COLUMN_NOTES = {
-    "min": "smallest finite activation over all timesteps and channels",
-    "max": "largest finite activation over all timesteps and channels",
-    "mean": "mean of all values (pooled over channels and timesteps)",
-    "std": "population standard deviation of all values (pooled)",
-    "negative_fraction": "fraction of values < 0",
-    "asymmetry": "max / |min|; post-GELU values stop near -0.17, so a large ratio means a range lopsided to the "
-                 "positive side",
-    "outlier_ratio": "mean range of the top {pct} channels / median channel range; a channel's range is its "
-                     "max over timesteps minus its min over timesteps",
-    "temporal_ratio": "largest / smallest per-timestep range (max - min over all channels at one timestep)",
-}
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if not (np.isfinite(numerator) and np.isfinite(denominator)):
-        return float("nan")
-    if denominator == 0:
-        return float("inf") if numerator > 0 else float("nan")
-    return float(numerator / denominator)
-
-
-def summarize(stats, layers: Sequence[str] | None = None,
-              outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> list[LayerSummary]:
-    """One LayerSummary per layer: all layers when `layers` is None (image stream, then text, by block), else
-    those named, in the order given."""
-    arrays = stats_arrays(stats)
-    names = layer_names(arrays)
-    order = display_order(names) if layers is None else select_layers(arrays, layers)
-    rows = []
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_step_range = cell_max(arrays) - cell_min(arrays)  # (L, T)
-    for i in order:
-        lo, hi = float(nan_min(arrays["min"][i])), float(nan_max(arrays["max"][i]))
-        mean, std = (float(v) for v in pooled_moments(arrays["count"][i].reshape(-1), arrays["mean"][i].reshape(-1),
-                                                      arrays["m2"][i].reshape(-1), axis=0))
-        total = int(np.asarray(arrays["count"][i]).sum())
-        ranges = channel_ranges(arrays, i)
-        outliers = outlier_channels(ranges, outlier_fraction)  # empty when no channel has data
-        median = float(np.nanmedian(ranges)) if outliers.size else float("nan")
-        outlier_mean = float(ranges[outliers].mean()) if outliers.size else float("nan")
-        steps = per_step_range[i]
-        rows.append(LayerSummary(
-            layer=names[i], min=lo, max=hi, mean=mean, std=std,
-            negative_fraction=int(np.asarray(arrays["negative"][i]).sum()) / total if total else float("nan"),
-            asymmetry=_ratio(hi, abs(lo)), outlier_ratio=_ratio(outlier_mean, median),
-            temporal_ratio=_ratio(float(nan_max(steps)), float(nan_min(steps))),
-        ))
-    return rows
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-COLUMNS = [f.name for f in fields(LayerSummary)]
-HEADERS = ["layer", "min", "max", "mean", "std", "neg. frac.", "asymmetry", "outlier ratio",
-           "temporal ratio"]
-
-
-def format_value(value) -> str:
-    if isinstance(value, str):
-        return value
-    if np.isnan(value):
-        return "n/a"
-    if np.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}"
-
-
-def _text_rows(rows: Sequence[LayerSummary]) -> list[list[str]]:
-    return [[format_value(v) for v in astuple(row)] for row in rows]
-
-
-def format_console(rows: Sequence[LayerSummary]) -> str:
-    """Aligned plain-text table: layer names left-aligned, numbers right-aligned."""
-    table = [HEADERS] + _text_rows(rows)
-    widths = [max(len(r[k]) for r in table) for k in range(len(HEADERS))]
-    lines = []
-    for n, r in enumerate(table):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def footnotes(outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> list[tuple[str, str]]:
-    """(header, definition) for each numeric column; 'n/a' marks layers without data."""
-    pct = f"{outlier_fraction:.3g}".rstrip("0") if outlier_fraction >= 1 else f"{100 * outlier_fraction:.3g}%"
-    return [(h, COLUMN_NOTES[c].format(pct=pct)) for h, c in zip(HEADERS[1:], COLUMNS[1:])]
-
-
-def format_markdown(rows: Sequence[LayerSummary], outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "| --- |" + " ---: |" * (len(HEADERS) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in _text_rows(rows)]
-    lines += ["", "Per layer, over all timesteps and channels of the calibration set (finite values only; "
-                  "n/a: no data):", ""]
-    lines += [f"- **{header}**: {note}" for header, note in footnotes(outlier_fraction)]
-    return "\n".join(lines) + "\n"
-
-
-def format_csv(rows: Sequence[LayerSummary]) -> str:
-    """Full-precision CSV with the field names as header (nan/inf as Python writes them)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    writer.writerows([row.layer] + [repr(float(v)) for v in astuple(row)[1:]] for row in rows)
-    return out.getvalue()
-
-
-def write_summary(rows: Sequence[LayerSummary], output_dir: str | Path,
-                  outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> tuple[Path, Path]:
-    """Write summary.md and summary.csv into output_dir (atomically); returns their paths."""
-    output_dir = Path(output_dir)
-    paths = output_dir / "summary.md", output_dir / "summary.csv"
-    for path, text in zip(paths, (format_markdown(rows, outlier_fraction), format_csv(rows))):
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
-    return paths
