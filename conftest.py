@@ -1,6 +1,7 @@
 """Command-line options of taq's test suites (the characterization suite's are read in characterization/conftest.py)."""
 
 from taq.config import DEFAULT_MODEL
+from taq.options import add_histogram_options, histogram_option_names
 from taq.recipes import DEFAULT_RECIPE, RECIPES
 
 
@@ -9,12 +10,16 @@ def pytest_addoption(parser):
     group.addoption("--taq-model", default=DEFAULT_MODEL, metavar="PRESET",
                     help=f"model under test: a preset name (default: {DEFAULT_MODEL}, the embedded default)")
     group.addoption("--taq-checkpoint", metavar="PATH", help="SD3-layout weights for --taq-model sd3-medium")
+    group.addoption("--taq-random-weights", action="store_true",
+                    help="seeded random weights for a --taq-model without shipped weights (its claims then describe "
+                         "no trained model)")
     group.addoption("--taq-calibration", metavar="FILE",
                     help="use this calibration set instead of sampling (and caching) the recipe's")
     group.addoption("--taq-recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                     help="; ".join(recipe.describe() for recipe in RECIPES.values()) + f" (default: {DEFAULT_RECIPE})")
     group.addoption("--taq-report-dir", default="reports/latest", metavar="DIR",
                     help="where the HTML report, claims table and benchmark JSON go (default: reports/latest)")
+    add_histogram_options(group.addoption, histogram_option_names("--taq-"))
     group.addoption("--taq-update-expectations", action="store_true",
                     help="rewrite characterization/expectations/<model>.json from this run's measurements")
     group.addoption("--taq-update-baselines", action="store_true",

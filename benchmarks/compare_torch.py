@@ -119,7 +119,7 @@ def time_diffusers(resolution: int, rows: int, repeats: int, compile: bool) -> d
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--configs", nargs="+", default=["512x2", "1024x2", "1024x16"],
                         help="RESOLUTIONxROWS; a CFG step of B trajectories is 2B rows")
     parser.add_argument("--repeats", type=int, default=10)

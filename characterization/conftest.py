@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -16,7 +16,8 @@ from taq.config import get_preset
 from taq.formats import atomic_path
 from taq.formats import calibration as calibration_format
 from taq.formats.stats import StatsFile
-from taq.loading import load_model
+from taq.loading import check_model_options, load_model
+from taq.options import histogram_option_names, histogram_spec
 from taq.models.mmdit import MMDiT
 from taq.pipeline import ensure_calibration, ensure_stats
 from taq.recipes import Recipe, get_recipe
@@ -37,6 +38,7 @@ class Suite:
     config: pytest.Config
     model_name: str
     checkpoint: str | None
+    random_weights: bool
     recipe: Recipe
     calibration_file: Path | None
     report_dir: Path
@@ -53,15 +55,24 @@ class Suite:
     def from_config(cls, config: pytest.Config) -> "Suite":
         root = config.rootpath
         model_name = config.getoption("--taq-model")
+        checkpoint, random_weights = config.getoption("--taq-checkpoint"), config.getoption("--taq-random-weights")
         try:
-            get_preset(model_name)
+            check_model_options(model_name, checkpoint, random_weights)
+        except ValueError as exc:  # its message names the command line's options; say the suite's
+            message = str(exc).replace("--checkpoint", "--taq-checkpoint").replace("--random-weights",
+                                                                                  "--taq-random-weights")
+            raise pytest.UsageError(f"--taq-model {model_name}: {message}") from None
+        names = histogram_option_names("--taq-")
+        try:
+            histogram = histogram_spec(*(config.getoption(names[field]) for field in ("bins", "scale", "limit")),
+                                       names=names)
         except ValueError as exc:
-            raise pytest.UsageError(f"--taq-model: {exc}") from None
+            raise pytest.UsageError(str(exc)) from None
         calibration_file = config.getoption("--taq-calibration")
         if calibration_file is not None and not Path(calibration_file).is_file():
             raise pytest.UsageError(f"--taq-calibration {calibration_file}: no such file")
-        return cls(config=config, model_name=model_name, checkpoint=config.getoption("--taq-checkpoint"),
-                   recipe=get_recipe(config.getoption("--taq-recipe")),
+        return cls(config=config, model_name=model_name, checkpoint=checkpoint, random_weights=random_weights,
+                   recipe=replace(get_recipe(config.getoption("--taq-recipe")), histogram=histogram),
                    calibration_file=Path(calibration_file).resolve() if calibration_file else None,
                    report_dir=root / config.getoption("--taq-report-dir"), cache_dir=root / ".cache" / "taq",
                    update_expectations=config.getoption("--taq-update-expectations"),
@@ -123,7 +134,7 @@ def suite(pytestconfig) -> Suite:
 
 @pytest.fixture(scope="session")
 def model(suite):
-    return load_model(suite.model_name, checkpoint=suite.checkpoint)
+    return load_model(suite.model_name, checkpoint=suite.checkpoint, random_weights=suite.random_weights)
 
 
 @pytest.fixture(scope="session")

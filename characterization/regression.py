@@ -1,12 +1,12 @@
 """Stats regression: per-(layer, timestep) statistics of the embedded default against a committed baseline.
 
-Per cell the baseline keeps seven scalars over all channels' values -- min, max, mean, std, fraction of negative
-values, p0.1 and p99.9 (from the histogram, kept within [min, max]) -- and the histogram as a normalized
+Per cell the baseline keeps eight scalars over all channels' values -- min, max, mean, std, fractions of negative
+values and of exact zeros, p0.1 and p99.9 (from the histogram, kept within [min, max]) -- and the histogram as a normalized
 distribution over the occupied bins. `compare` checks new statistics against it with `TOLERANCES`:
 
 - ranges and spread (min, max, std, p0.1, p99.9): 1% of the baseline value;
 - mean: 1% of the cell's std (a post-GELU mean can sit near 0, where a relative tolerance means nothing);
-- negative fraction: 0.002 absolute;
+- negative and zero fractions: 0.002 absolute;
 - histogram: earth mover's distance (`taq.analysis.measures.wasserstein_distance`) at most 0.5% of the cell's std.
 
 On one machine a rerun reproduces the statistics bit for bit; the tolerances leave room for other platforms'
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from taq.analysis.cells import cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile, layer_names
+from taq.analysis.cells import cell_fraction, cell_max, cell_min, cell_moments, cell_quantile, layer_names
 from taq.analysis.measures import wasserstein_distance
 from taq.formats.container import load_npz, save_npz
 
 KIND, VERSION = "taq-stats-baseline", 1
-STATISTICS = ("min", "max", "mean", "std", "negative_fraction", "p0.1", "p99.9")
+STATISTICS = ("min", "max", "mean", "std", "negative_fraction", "zero_fraction", "p0.1", "p99.9")
 HISTOGRAM = "histogram"
 
 
@@ -47,6 +47,7 @@ TOLERANCES = {
     "min": Tolerance(0.01, "relative"), "max": Tolerance(0.01, "relative"), "std": Tolerance(0.01, "relative"),
     "p0.1": Tolerance(0.01, "relative"), "p99.9": Tolerance(0.01, "relative"),
     "mean": Tolerance(0.01, "of std"), "negative_fraction": Tolerance(0.002, "absolute"),
+    "zero_fraction": Tolerance(0.002, "absolute"),
     HISTOGRAM: Tolerance(0.005, "of std"),
 }
 
@@ -81,7 +82,7 @@ def cell_statistics(arrays: dict) -> dict[str, np.ndarray]:
     mean, std = cell_moments(arrays)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"min": cell_min(arrays), "max": cell_max(arrays), "mean": mean, "std": std,
-                "negative_fraction": cell_negative_fraction(arrays),
+                "negative_fraction": cell_fraction(arrays, "negative"), "zero_fraction": cell_fraction(arrays, "zero"),
                 "p0.1": cell_quantile(arrays, 0.001), "p99.9": cell_quantile(arrays, 0.999)}
 
 

@@ -153,7 +153,7 @@ def sd3(pytestconfig) -> Sampler:
         pytest.skip("sd3-medium at 512x512 is skipped on the CPU device (about 8 GB in float32 and tens of seconds "
                     "per step); --taq-bench-sd3 runs it anyway, GPU/Metal devices run it by default")
     dtype = mx.bfloat16 if on_gpu() else mx.float32  # bf16 matmuls are emulated, slowly, on the CPU backend
-    model = load_model("sd3-medium", dtype=dtype)
+    model = load_model("sd3-medium", dtype=dtype, random_weights=True)  # a benchmark: the weights do not matter
     cfg = model.mmdit.config
     rng = np.random.default_rng(0)
     embeddings = [(mx.array(rng.standard_normal((1, model.preset.text_tokens, cfg.token_dim), dtype=np.float32)).astype(dtype),

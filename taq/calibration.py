@@ -5,6 +5,8 @@ from each, the model input x_t of K selected steps (`taq.sampling.select_steps`)
 
 Reproducibility does not depend on batching or on which run computed a trajectory:
 - trajectory i uses prompt `prompts[i % len(prompts)]` (prompts cycle, so each gets T / len(prompts) of them);
+  only the prompts some trajectory uses, the first min(T, M), are encoded and stored, so the stored indices
+  i % M point into the stored list as they would into the full one;
 - its starting noise is `numpy.random.default_rng([seed, 0, i]).standard_normal((H, W, C), float32)`;
 - points are ordered trajectory-major (point i * K + j is trajectory i's j-th selected step), then permuted by
   `numpy.random.default_rng([seed, 1, 0]).permutation(T * K)`.
@@ -12,7 +14,7 @@ B trajectories go through the model together (2B rows with CFG); a batch of 1 gi
 rounding, and the same batch size gives byte-identical arrays on the same platform.
 
 Resume: after every batch the finished trajectories' selected x_t and the recipe's fingerprint are written
-atomically to `<output>.partial.npz`. A rerun with the same recipe (batch size included, since batching changes
+atomically to `<output>.partial.npz` (Ctrl-C or a full disk leaves the last one in place and says so). A rerun with the same recipe (batch size included, since batching changes
 float rounding) continues after the last finished batch and writes the same arrays as an uninterrupted run. A
 partial file from a different recipe is refused, naming the fields that differ (delete it or pass
 `resume=False` / `--no-resume` to start over); it is removed once the output is written.
@@ -50,9 +52,11 @@ import mlx.core as mx
 from taq.conditioning import UNCONDITIONAL_PROMPT
 from taq.distributed import (World, batch_ranges, check_agreement, collective_step, current_world, fail_together,
                              gather_buffers, shard)
-from taq.formats import TaqFormatError, check_output_path
-from taq.formats.calibration import load_partial, save_calibration, save_partial
-from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
+from taq.errors import Interrupted
+from taq.formats import TaqFormatError, WriteError, check_input_file, check_output_path, check_outputs_spare_inputs
+from taq.formats.calibration import load_partial, partial_progress, save_calibration, save_partial
+from taq.loading import Model, check_model_options, load_model
+from taq.options import add_model_options, number
 from taq.recipes import CalibrationRecipe
 from taq.sampling import RULES, CFGDenoiser, euler_steps, model_timesteps
 
@@ -133,7 +137,8 @@ def calibrate(model: Model, prompts: Sequence[str], *, output: str | os.PathLike
         latent_shape = model.latent_shape(resolution)
         output = check_output_path(output)
         partial = partial_path(output, world)
-        cs, cs_pooled = (np.array(a.astype(mx.float32)) for a in model.encode(prompts))
+        used = prompts[:min(num_trajectories, len(prompts))]  # trajectory i uses prompt i % M
+        cs, cs_pooled = (np.array(a.astype(mx.float32)) for a in model.encode(used))
         cs_uncond, cs_pooled_uncond = (np.array(a.astype(mx.float32))[0]
                                        for a in model.encode([UNCONDITIONAL_PROMPT]))
         fingerprint = _fingerprint(recipe, model, prompts, resolution, latent_shape,
@@ -150,21 +155,37 @@ def calibrate(model: Model, prompts: Sequence[str], *, output: str | os.PathLike
     kept = (f"each rank's finished batches are kept in {output.name}.rank*of{world.size}.partial.npz; "
             "rerun the same command to resume")
     desc = "calibrate" if world.size == 1 else f"calibrate ({world.label})"
-    with collective_step(world, "sampling", note=f"nothing was written to {output}; {kept}"):
-        _sample_batches(model, recipe, cs, cs_pooled, (cs_uncond, cs_pooled_uncond), latent_shape, batches,
-                        trajectories, done, partial, record, on_batch, progress=progress and world.is_root, desc=desc)
-    if world.size > 1:
-        trajectories = _gather_trajectories(world, trajectories, all_batches)
+    try:
+        with collective_step(world, "sampling", note=f"nothing was written to {output}; {kept}"):
+            _sample_batches(model, recipe, cs, cs_pooled, (cs_uncond, cs_pooled_uncond), latent_shape, batches,
+                            trajectories, done, partial, record, on_batch, progress=progress and world.is_root,
+                            desc=desc)
+        if world.size > 1:
+            trajectories = _gather_trajectories(world, trajectories, all_batches)
 
-    with collective_step(world, "writing the calibration set", note=f"{output} was not written; {kept}") as written:
-        if world.is_root:
-            _write_set(output, trajectories, recipe, fingerprint, prompts,
-                       (cs, cs_pooled, cs_uncond, cs_pooled_uncond), world)
-            written.value = output.stat().st_size
+        with collective_step(world, "writing the calibration set",
+                             note=f"{output} was not written; {kept}") as written:
+            if world.is_root:
+                _write_set(output, trajectories, recipe, fingerprint, prompts,
+                           (cs, cs_pooled, cs_uncond, cs_pooled_uncond), world)
+                written.value = output.stat().st_size
+    except KeyboardInterrupt:
+        raise Interrupted(_kept(partial, len(trajectories))) from None
+    except OSError as exc:  # a full disk: the last checkpoint survives, since every write is atomic
+        raise WriteError(f"{exc}; {_kept(partial, len(trajectories))}") from None
     partial.unlink(missing_ok=True)
     return CalibrationSummary(output, num_trajectories * num_selected, num_trajectories, num_selected,
                               sum(value["resumed"] for value in setup.values), written.values[0],
                               time.perf_counter() - started, world.size)
+
+
+def _kept(partial: Path, num_trajectories: int) -> str:
+    """What a stopped run leaves behind, as the second half of its one-line message."""
+    finished = partial_progress(partial)
+    if not finished:
+        return "no batch had finished, nothing was kept; run the same command again to start over"
+    return (f"{finished} of {num_trajectories} trajectories are kept in {partial}; run the same command again to "
+            "resume")
 
 
 def _sample_batches(model: Model, recipe: CalibrationRecipe, cs: np.ndarray, cs_pooled: np.ndarray,
@@ -218,11 +239,11 @@ def _write_set(output: Path, trajectories: np.ndarray, recipe: CalibrationRecipe
     arrays = {
         "xs": trajectories[trajectory_indices, positions],  # (P, H, W, C); a second copy of the output, briefly
         "ts": model_timesteps(sigmas)[step_indices],
-        "prompt_indices": trajectory_indices % len(prompts),
+        "prompt_indices": trajectory_indices % len(prompts),  # < len(cs): the prompts used are stored
         "trajectory_indices": trajectory_indices,
         "step_indices": step_indices,
         "cs": cs, "cs_pooled": cs_pooled, "cs_uncond": cs_uncond, "cs_pooled_uncond": cs_pooled_uncond,
-        "prompts": np.array(prompts),
+        "prompts": np.array(prompts[:cs.shape[0]]),
         "cfg_scale": np.array(recipe.cfg_scale, dtype=np.float64),
     }
     meta = {
@@ -230,7 +251,8 @@ def _write_set(output: Path, trajectories: np.ndarray, recipe: CalibrationRecipe
         "sigmas": sigmas.tolist(),
         "selected_steps": selected,
         "num_points": num_trajectories * num_selected,
-        "prompt_assignment": "trajectory i uses prompts[i % num_prompts]",
+        "prompt_assignment": f"trajectory i uses prompt i % {len(prompts)} of the {len(prompts)} given; the "
+                             f"{cs.shape[0]} used are stored",
         "noise": f"trajectory i starts from numpy default_rng([seed, {NOISE_STREAM}, i])"
                  ".standard_normal((H, W, C), float32)",
         "point_order": f"trajectory-major (i * K + j), permuted by numpy default_rng([seed, {SHUFFLE_STREAM}, 0])",
@@ -256,6 +278,7 @@ def _fingerprint(recipe: CalibrationRecipe, model: Model, prompts: list[str], re
     for array in embeddings:
         digest.update(np.ascontiguousarray(array).tobytes())
     record = {**asdict(recipe), "model": model.name, "weights_id": model.weights_id,
+              "random_weights": model.random_weights,
               "dtype": str(model.mmdit.context_embedder.weight.dtype), "resolution": resolution,
               "latent_shape": list(latent_shape), "prompts": prompts, "embeddings_sha256": digest.hexdigest()}
     return json.loads(json.dumps(record))
@@ -288,12 +311,14 @@ def _load_partial(path: Path, fingerprint: dict, trajectories: np.ndarray, batch
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; surrounding whitespace and blank lines are dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    return check_prompts([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
-                         source=str(path))
+    """One prompt per line of a UTF-8 file; surrounding whitespace and blank lines are dropped."""
+    path = check_input_file(path, "prompts file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                         "save it as UTF-8") from None
+    return check_prompts([line.strip() for line in text.splitlines() if line.strip()], source=str(path))
 
 
 def default_prompts(model_name: str) -> list[str]:
@@ -315,8 +340,7 @@ def check_prompts(prompts: Sequence[str], source: str = "prompts") -> list[str]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     recipe = CalibrationRecipe()  # the defaults shown are the recipe's
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model preset (default: %(default)s)")
-    parser.add_argument("--checkpoint", help="SD3-layout weights for the sd3-medium preset")
+    add_model_options(parser)
     parser.add_argument("--embeddings", help="precomputed prompt embeddings file (taq-embeddings), \"\" included")
     parser.add_argument("--prompts", help="prompts file, one per line (default: the model's shipped prompts)")
     parser.add_argument("--num-trajectories", "--num-fid-samples", dest="num_trajectories", type=int,
@@ -329,7 +353,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-selection", choices=RULES, default=recipe.step_selection,
                         help="stride: range(0, N, N // K) as TaQ-DiT's code; linspace: the seed's "
                              "(default: %(default)s)")
-    parser.add_argument("--cfg-scale", type=float, default=recipe.cfg_scale, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--cfg-scale", type=number(float, at_least=0), default=recipe.cfg_scale,
+                        help="guidance scale, >= 0 (default: %(default)s)")
     parser.add_argument("--shift", type=float, default=recipe.shift, help="flow schedule shift (default: %(default)s)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, default=recipe.seed, help="noise and shuffle seed (default: %(default)s)")
@@ -342,15 +367,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     recipe = CalibrationRecipe(**{name: getattr(args, name) for name in CalibrationRecipe.__dataclass_fields__})
-    preset = check_checkpoint_option(args.model, args.checkpoint)
-    if args.embeddings is not None and not Path(args.embeddings).is_file():
-        raise FileNotFoundError(f"embeddings file {args.embeddings} does not exist")
+    preset = check_model_options(args.model, args.checkpoint, args.random_weights)
+    if args.embeddings is not None:
+        check_input_file(args.embeddings, "embeddings file")
     prompts = read_prompts(args.prompts) if args.prompts is not None else default_prompts(args.model)
     resolution = preset.default_resolution if args.resolution is None else args.resolution
     preset.latent_shape(resolution)  # before the model is loaded
     output = check_output_path(args.output)
+    check_outputs_spare_inputs(
+        {"--output": output, "its partial file": partial_path(output, current_world())},
+        {"--prompts": args.prompts, "--embeddings": args.embeddings, "--checkpoint": args.checkpoint})
 
-    model = load_model(args.model, checkpoint=args.checkpoint, embeddings=args.embeddings)
+    model = load_model(args.model, checkpoint=args.checkpoint, embeddings=args.embeddings,
+                       random_weights=args.random_weights)
     with fail_together("calibrate"):
         summary = calibrate(model, prompts, **asdict(recipe), resolution=resolution, output=output,
                             resume=not args.no_resume)

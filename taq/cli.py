@@ -6,7 +6,8 @@ import argparse
 import sys
 
 import taq
-from taq.formats import TaqFormatError
+from taq.errors import Interrupted
+from taq.options import Parser, one_line_warnings
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -30,7 +31,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         cfg = preset.mmdit
         print(f"  {name:<11} depth {cfg.depth:>2}  hidden {cfg.hidden_size:>4}  heads {cfg.num_heads:>2}  "
               f"patch {cfg.patch_size}  channels {cfg.in_channels:>2}  gelu {cfg.gelu}  "
-              f"{'weights shipped' if preset.ships_weights else 'weights from --checkpoint or random'}")
+              f"{'weights shipped' if preset.ships_weights else 'weights from --checkpoint (or --random-weights)'}")
 
 
 # Each stage module exposes `configure_parser(parser)` and `run_cli(args)`.
@@ -47,25 +48,33 @@ STAGES = {
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="taq", description=__doc__)
+    parser = Parser(prog="taq", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, MLX device, BLAS in use, model presets").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="versions, MLX device, BLAS in use, model presets",
+                   allow_abbrev=False).set_defaults(func=cmd_info)
     for name, (module_name, help_text) in STAGES.items():
         module = importlib.import_module(module_name)
-        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         module.configure_parser(stage)
         stage.set_defaults(func=module.run_cli)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input and failed reads or writes (a full disk included) are one line and exit
+    status 2; Ctrl-C is one line saying what was kept, and exit status 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, TaqFormatError, FileNotFoundError, PermissionError) as exc:
+        with one_line_warnings(args.command):
+            args.func(args)
+    except (ValueError, OSError) as exc:  # OSError: FileNotFoundError, PermissionError, a full disk, ...
         print(f"taq {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        kept = str(exc) if isinstance(exc, Interrupted) else "no output was finished"
+        print(f"taq {args.command}: interrupted; {kept}", file=sys.stderr)
+        return 130
     return 0
 
 

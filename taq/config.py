@@ -108,4 +108,4 @@ def lookup(table: dict, name: str, what: str):
 
 
 def get_preset(name: str) -> Preset:
-    return lookup(PRESETS, name, "preset")
+    return lookup(PRESETS, name, "model preset")

@@ -37,7 +37,7 @@ from taq.tracing.stats import DERIVED_KEYS, ActivationStats
 
 LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # set by mlx.launch, Open MPI, MPICH
 CHUNK_BYTES = 1 << 26  # per rank and collective: bounds the transient memory of a large gather
-INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # what `taq.cli` reports as one line
+INPUT_ERRORS = (ValueError, OSError)  # what `taq.cli` reports as one line: bad input, failed reads and writes
 
 T = TypeVar("T")
 

@@ -14,8 +14,9 @@ import mlx.core as mx
 import numpy as np
 
 from taq.conditioning import UNCONDITIONAL_PROMPT
-from taq.formats import atomic_path
-from taq.loading import DEFAULT_MODEL, load_model
+from taq.formats import atomic_path, check_output_path, check_outputs_spare_inputs
+from taq.loading import check_model_options, load_model
+from taq.options import add_model_options, number
 from taq.sampling import SD3_SHIFT, CFGDenoiser, flow_sigmas, sample
 
 
@@ -51,9 +52,9 @@ def save_png(path: Path, latents: np.ndarray, prompts: list[str]) -> None:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", help='e.g. "a handwritten digit seven"')
     parser.add_argument("--output", type=Path, default=Path("generated.png"), help=".png (pocket) or .npy")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_options(parser)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--cfg-scale", type=number(float, at_least=0), default=1.5, help="guidance scale, >= 0")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -64,8 +65,11 @@ def run_cli(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model}'s latents need a VAE to become images; use --output NAME.npy")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_model_options(args.model, args.checkpoint, args.random_weights)
+    check_output_path(args.output)
+    check_outputs_spare_inputs({"--output": args.output}, {"--checkpoint": args.checkpoint})
     started = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
     loaded = time.perf_counter() - started
     latents = generate(model, args.prompts, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     if args.output.suffix == ".png":

@@ -1,7 +1,9 @@
 """`load_model`: a preset name (and optional checkpoint) -> the MMDiT plus the prompt encoder that feeds it.
 
-It sits above `taq.models` (the architecture and weight files) and `taq.pocket` (the embedded default), so
-neither imports the other through it.
+Where the weights come from is one rule (`check_model_options`), so every command inherits it: the package
+(pocket), an SD3-layout checkpoint, or seeded random weights -- the last only when asked for, since numbers
+measured on random weights describe no trained model. It sits above `taq.models` (the architecture and weight
+files) and `taq.pocket` (the embedded default), so neither imports the other through it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from taq.formats import file_sha256
 from taq.models.checkpoint import CheckpointError, load_sd3_checkpoint
 from taq.models.mmdit import MMDiT
 
-__all__ = ["DEFAULT_MODEL", "Model", "check_checkpoint_option", "load_model"]
+__all__ = ["DEFAULT_MODEL", "Model", "check_model_options", "load_model"]
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Model:
     mmdit: MMDiT
     encode: Encoder  # prompts -> (tokens (B, L, token_dim), pooled (B, pooled_dim))
     weights_id: str  # sha256 of the weights file, or "random-seed-N"
+    random_weights: bool = False  # seeded random weights (asked for explicitly)
 
     @property
     def name(self) -> str:
@@ -41,19 +44,30 @@ class Model:
         return self.preset.latent_shape(resolution)
 
 
-def check_checkpoint_option(name: str, checkpoint) -> Preset:
-    """The preset, after checking that a checkpoint is given only to models that do not ship their weights."""
+def check_model_options(name: str, checkpoint=None, random_weights: bool = False) -> Preset:
+    """The preset, after checking where its weights come from: shipped in the package, else a checkpoint or
+    (asked for explicitly) seeded random weights, never both."""
     preset = get_preset(name)
-    if preset.ships_weights and checkpoint is not None:
-        raise ValueError(f"the {name} model ships its own weights; --checkpoint is for SD3-layout models")
+    if preset.ships_weights:
+        if checkpoint is not None:
+            raise ValueError(f"the {name} model ships its own weights; --checkpoint is for SD3-layout models")
+        if random_weights:
+            raise ValueError(f"the {name} model ships its own weights; --random-weights is for models without them")
+    elif checkpoint is not None and random_weights:
+        raise ValueError("give either --checkpoint or --random-weights, not both")
+    elif checkpoint is None and not random_weights:
+        raise ValueError(f"{name} needs its weights: give --checkpoint PATH (SD3-layout weights), or --random-weights "
+                         "for seeded random weights (their numbers describe no trained model)")
     return preset
 
 
 def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-               embeddings: str | os.PathLike | None = None, dtype: mx.Dtype | None = None, seed: int = 0) -> Model:
-    """The pocket model from its shipped weights; `sd3-medium` etc. from an SD3-layout checkpoint, or with
-    seeded random weights when no checkpoint is given. `embeddings` overrides the prompt encoder."""
-    preset = check_checkpoint_option(name, checkpoint)
+               embeddings: str | os.PathLike | None = None, dtype: mx.Dtype | None = None, seed: int = 0,
+               random_weights: bool = False) -> Model:
+    """The pocket model from its shipped weights; `sd3-medium` etc. from an SD3-layout checkpoint (attention heads
+    of the preset's head dim, SD3's 64) or, with `random_weights`, from `seed`. `embeddings` overrides the prompt
+    encoder."""
+    preset = check_model_options(name, checkpoint, random_weights)
     if preset.ships_weights:
         from taq.pocket import DEFAULT_WEIGHTS, load_pocket
 
@@ -64,7 +78,7 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
         mmdit, default_encoder = pocket.mmdit, pocket.text_encoder.encode
         weights_id = file_sha256(DEFAULT_WEIGHTS)
     elif checkpoint is not None:
-        mmdit = load_sd3_checkpoint(checkpoint, gelu=preset.mmdit.gelu, num_heads=preset.mmdit.num_heads)
+        mmdit = load_sd3_checkpoint(checkpoint, head_dim=preset.mmdit.head_dim, gelu=preset.mmdit.gelu)
         default_encoder = DiffusionKitEncoder()
         weights_id = file_sha256(checkpoint) if Path(checkpoint).is_file() else str(checkpoint)
     else:
@@ -76,4 +90,4 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     encoder = PrecomputedEncoder(embeddings) if embeddings is not None else default_encoder
     if dtype is not None:
         mmdit.set_dtype(dtype)
-    return Model(preset, mmdit, encoder, weights_id)
+    return Model(preset, mmdit, encoder, weights_id, random_weights)

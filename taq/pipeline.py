@@ -12,22 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 from taq.analysis.claims import measure_all
 from taq.calibration import calibrate, default_prompts
-from taq.formats import TaqFormatError
+from taq.errors import Interrupted
+from taq.formats import TaqFormatError, check_outputs_in_spare
 from taq.formats import calibration as calibration_format
 from taq.formats import stats as stats_format
 from taq.formats.stats import StatsFile, load_stats
-from taq.loading import DEFAULT_MODEL, Model, load_model
+from taq.loading import Model, check_model_options, load_model
+from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.profiling import profile
 from taq.recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
-from taq.tracing import HistogramSpec
 
 Log = Callable[[str], None]
+REPORT_FILES = ("index.html", "summary.*", "figures/*.png")  # what the report writes into its directory
+CACHE_FILES = ("calibration-*.npz*", "stats-*.npz*")
 
 
 def cache_key(record: dict) -> str:
@@ -71,8 +74,7 @@ def ensure_calibration(model: Model, recipe: Recipe, cache_dir: Path, log: Log,
 
 
 def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir: Path, log: Log,
-                 variant: str = "as loaded", progress: bool = False,
-                 hist_spec: HistogramSpec = HistogramSpec()) -> StatsFile:
+                 variant: str = "as loaded", progress: bool = False) -> StatsFile:
     """Statistics of `model` over `recipe.num_samples` points of the calibration set, profiled once and cached.
     `variant` names a modified model (its weights_id is still that of the file it was loaded from). The calibration
     set is identified by a hash of its metadata record (recipe, weights, embeddings hash, creation time), read
@@ -81,14 +83,19 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
               "weights_id": model.weights_id, "variant": variant,
               "calibration": cache_key(calibration_format.read_meta(calibration_path)),
               "num_samples": recipe.num_samples, "seed": recipe.profile_seed,
-              "batch_size": recipe.profile_batch_size, "hist_spec": asdict(hist_spec)}
+              "batch_size": recipe.profile_batch_size, "hist_spec": asdict(recipe.histogram)}
     path = cache_dir / f"stats-{model.name}-{recipe.name}-{cache_key(record)}.npz"
     stats = _cached(path, load_stats, log)
     if stats is None:
         log(f"profiling {recipe.num_samples} points of {calibration_path.name} with {model.name} ({variant})")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        summary = profile(model, calibration_path, num_samples=recipe.num_samples, seed=recipe.profile_seed,
-                          batch_size=recipe.profile_batch_size, hist_spec=hist_spec, output=path, progress=progress)
+        try:
+            summary = profile(model, calibration_path, num_samples=recipe.num_samples, seed=recipe.profile_seed,
+                              batch_size=recipe.profile_batch_size, hist_spec=recipe.histogram, output=path,
+                              progress=progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"the calibration set is kept in {calibration_path}; run the same command again to "
+                              "profile it") from None
         log(summary.line())
         stats = load_stats(path)
     stats.meta["cache_file"] = str(path)
@@ -113,20 +120,23 @@ def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, 
 
 
 def configure_parser(parser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="preset (default: the embedded %(default)s model)")
-    parser.add_argument("--checkpoint", default=None, help="SD3-layout weights for --model sd3-medium")
+    add_model_options(parser)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
                         help="; ".join(recipe.describe() for recipe in RECIPES.values()) + " (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("reports/pocket"), help="the report directory")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/taq"), help="calibration and stats cache")
+    add_histogram_options(parser.add_argument)
 
 
 def run_cli(args) -> None:
     started = time.perf_counter()
-    recipe = get_recipe(args.recipe)
+    recipe = replace(get_recipe(args.recipe), histogram=histogram_spec_from(args))
+    check_model_options(args.model, args.checkpoint, args.random_weights)
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output-dir {args.output_dir} exists and is not a directory")
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    for directory, patterns in ((args.output_dir, REPORT_FILES), (args.cache_dir, CACHE_FILES)):
+        check_outputs_in_spare(directory, patterns, {"--checkpoint": args.checkpoint})
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
     index = run_report(model, recipe, args.output_dir, args.cache_dir)
     print(f"report written in {time.perf_counter() - started:.0f} s:")
     print(index.resolve())

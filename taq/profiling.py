@@ -36,10 +36,12 @@ import mlx.core as mx
 
 from taq.distributed import (World, check_agreement, collective_step, current_world, fail_together, gather_stats,
                              shard)
-from taq.formats import TaqFormatError, check_output_path, file_sha256
+from taq.errors import Interrupted
+from taq.formats import TaqFormatError, WriteError, check_output_path, check_outputs_spare_inputs, file_sha256
 from taq.formats.calibration import CalibrationSet, load_calibration
 from taq.formats.stats import save_stats
-from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
+from taq.loading import Model, check_model_options, load_model
+from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
 from taq.tracing.stats import timestep_key
 
@@ -151,9 +153,11 @@ def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: i
     """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
 
     Everything is checked before the first forward; nothing is written unless the whole run succeeds (on every
-    rank, when `world`, by default the launched one, has several).
+    rank, when `world`, by default the launched one, has several). Profiling keeps no partial results: after
+    Ctrl-C or a failed write the same call starts over.
     """
     output = check_output_path(output)
+    check_outputs_spare_inputs({"the output": output}, {"the calibration file": calibration_path})
     return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
                     batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress,
                     world=world)
@@ -174,24 +178,30 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
     check_agreement(setup.values, "the profiling run")
 
     mine = shard(batches, world)
-    with collective_step(world, "tracing", note=f"nothing was written to {output}"):
-        stats = ActivationStats(hist_spec, layer_paths)
-        desc = "profile" if world.size == 1 else f"profile ({world.label})"
-        with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
-                tqdm(total=sum(len(batch.points) for batch in mine), unit="pt", desc=desc,
-                     disable=not (progress and world.is_root)) as bar:
-            # A GPU runs the forward and its reductions as one compiled graph; the CPU backend compiles slowly.
-            forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu else model.mmdit
-            for batch in mine:
-                tracer.timestep = batch.timestep
-                tracer.flush(forward(*batch_inputs(cal, batch)))
-                bar.update(len(batch.points))
-    stats = gather_stats(world, stats)  # merged on rank 0, None on the others
+    try:
+        with collective_step(world, "tracing", note=f"nothing was written to {output}"):
+            stats = ActivationStats(hist_spec, layer_paths)
+            desc = "profile" if world.size == 1 else f"profile ({world.label})"
+            with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
+                    tqdm(total=sum(len(batch.points) for batch in mine), unit="pt", desc=desc,
+                         disable=not (progress and world.is_root)) as bar:
+                # A GPU runs the forward and its reductions as one compiled graph; the CPU backend compiles slowly.
+                forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu else model.mmdit
+                for batch in mine:
+                    tracer.timestep = batch.timestep
+                    tracer.flush(forward(*batch_inputs(cal, batch)))
+                    bar.update(len(batch.points))
+        stats = gather_stats(world, stats)  # merged on rank 0, None on the others
 
-    with collective_step(world, "writing the statistics", note=f"{output} was not written"):
-        if world.is_root:
-            save_stats(output, stats, _stats_meta(model, cal, calibration_path, layer_paths, seed, num_samples,
-                                                  batch_size, hist_spec, batches, world))
+        with collective_step(world, "writing the statistics", note=f"{output} was not written"):
+            if world.is_root:
+                save_stats(output, stats, _stats_meta(model, cal, calibration_path, layer_paths, seed, num_samples,
+                                                      batch_size, hist_spec, batches, world))
+    except KeyboardInterrupt:
+        raise Interrupted(f"nothing was written to {output} (profiling keeps no partial results); run the same "
+                          "command again to start over") from None
+    except OSError as exc:
+        raise WriteError(f"{exc}; nothing was written (profiling keeps no partial results)") from None
     timesteps = tuple(sorted({timestep_key(batch.timestep) for batch in batches}))
     return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started,
                           tuple(layer_paths), timesteps, world.size)
@@ -217,6 +227,7 @@ def _stats_meta(model: Model, cal: CalibrationSet, calibration_path: str | os.Pa
         "calibration_points": len(cal),
         "model": model.name,
         "weights_id": model.weights_id,
+        "random_weights": model.random_weights,
         "dtype": str(model.mmdit.context_embedder.weight.dtype),
         "gelu": model.mmdit.config.gelu,
         "layer_paths": layer_paths,
@@ -229,6 +240,9 @@ def _stats_meta(model: Model, cal: CalibrationSet, calibration_path: str | os.Pa
         "rows": ROWS_NOTE,
         "cfg_scale": cal.cfg_scale,
         "hist_spec": asdict(hist_spec),
+        "histogram": hist_spec.describe(),
+        "zero_count": "values exactly 0 (-0.0 included) are counted apart from those < 0: GELU rounds its far "
+                      "negative side to -0.0 in float32 and bfloat16",
         "taq_version": taq.__version__,
         "mlx_version": mx.__version__,
         **({"ranks": world.size, "merge": "per-rank float64 statistics merged on rank 0 in rank order"}
@@ -244,26 +258,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=512,
                         help="calibration points drawn without replacement (default: %(default)s)")
     parser.add_argument("--output", default="activation_stats.npz", help="output .npz (default: %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model preset (default: %(default)s)")
-    parser.add_argument("--checkpoint", help="SD3-layout weights for the sd3-medium preset")
+    add_model_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="points per forward, 2x rows with CFG (default: %(default)s)")
-    parser.add_argument("--layers", nargs="+", metavar="LAYER", help="only these layers, e.g. mm_00_img mm_05_txt")
-    parser.add_argument("--bins", type=int, default=HistogramSpec.bins, help="histogram bins (default: %(default)s)")
-    parser.add_argument("--hist-range", type=float, nargs=2, metavar=("LO", "HI"),
-                        default=(HistogramSpec.lo, HistogramSpec.hi), help="histogram range (default: -8 8)")
+    parser.add_argument("--layers", nargs="+", metavar="LAYER", help="only these layers, e.g. mm_00_img mm_04_txt")
+    add_histogram_options(parser.add_argument)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    hist_spec = HistogramSpec(args.bins, *args.hist_range)
-    check_checkpoint_option(args.model, args.checkpoint)
+    hist_spec = histogram_spec_from(args)
+    check_model_options(args.model, args.checkpoint, args.random_weights)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
     output = check_output_path(args.output)
+    check_outputs_spare_inputs({"--output": output},
+                               {"--calibration-file": args.calibration_file, "--checkpoint": args.checkpoint})
     cal = load_calibration(args.calibration_file)  # a bad file is reported before the model is loaded
 
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
     with fail_together("profile"):
         summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
                            batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from taq.config import lookup
-from taq.sampling import SD3_SHIFT, flow_sigmas, select_steps
+from taq.sampling import SD3_SHIFT, check_guidance_scale, flow_sigmas, select_steps
+from taq.tracing.histogram import HistogramSpec
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ class CalibrationRecipe:
         if self.num_selected > self.num_steps:
             raise ValueError(f"cannot select {self.num_selected} steps out of {self.num_steps} sampling steps")
         select_steps(self.num_steps, self.num_selected, self.step_selection)  # checks the rule and counts
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
+        check_guidance_scale(self.cfg_scale)
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a positive number, got {self.shift}")
         object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
@@ -65,13 +65,15 @@ class CalibrationRecipe:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the pipeline makes its data: a calibration recipe and how many of its points are profiled."""
+    """How the pipeline makes its data: a calibration recipe, how many of its points are profiled, and the
+    histogram layout of the statistics."""
 
     name: str
     calibration: CalibrationRecipe
     num_samples: int = 512
     profile_seed: int = 0
     profile_batch_size: int = 32
+    histogram: HistogramSpec = HistogramSpec()
 
     def describe(self) -> str:
         return f"{self.name}: {self.calibration.describe()}; {self.num_samples} points profiled"

@@ -20,7 +20,7 @@ SYNTHETIC_CHANNELS = 512
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    return load_model("tiny")
+    return load_model("tiny", random_weights=True)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ RECIPE = dict(num_trajectories=5, num_steps=6, num_selected=3, cfg_scale=1.5, re
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny")
+    return load_model("tiny", random_weights=True)
 
 
 def run(model, path, progress=False, **overrides):

@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from safetensors.numpy import load_file, save_file
 
+from taq.cli import main
 from taq.config import MMDiTConfig
 from taq.models.checkpoint import (
     SD3_PREFIX,
@@ -230,6 +231,42 @@ def test_nonexistent_path_is_a_clear_error(tmp_path):
         load_sd3_checkpoint(missing)
     with pytest.raises(CheckpointError, match="nowhere.safetensors does not exist"):
         load_mmdit(missing)
+
+
+def cut_file(tmp_path, source, keep) -> str:
+    data = open(source, "rb").read()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(keep(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-100], "bytes of data"),  # the last tensor is cut short
+    (lambda data: data[:50], "cut short"),  # the header is cut short
+    (lambda data: data[:5], "not a safetensors file"),
+    (lambda data: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not a safetensors file"),
+    (lambda data: data + b"\0" * 16, "16 bytes after the last tensor belong to none"),
+    (lambda data: data[:8] + data[8:].replace(b'"F32"', b'"F99"', 1), "invalid or cut-short entry"),
+])
+def test_a_damaged_safetensors_file_is_one_checkpoint_error_naming_it(tmp_path, sd3_file, damage, message):
+    path = cut_file(tmp_path, sd3_file, damage)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_sd3_checkpoint(path)
+    assert str(error.value).startswith(path) and "\n" not in str(error.value)
+
+
+def test_a_truncated_checkpoint_is_one_line_on_the_command_line(tmp_path, sd3_file, capsys):
+    path = cut_file(tmp_path, sd3_file, lambda data: data[: len(data) // 2])
+    assert main(["generate", "x", "--model", "sd3-medium", "--checkpoint", path,
+                 "--output", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"taq generate: error: {path}: ") and "Traceback" not in "".join(err)
+
+
+def test_integer_tensors_for_float_weights_are_refused(tmp_path, sd3_arrays):
+    message = load_edited(tmp_path, sd3_arrays, lambda a: a.update(
+        {"context_embedder.bias": a["context_embedder.bias"].view(np.int32)}))
+    assert "key context_embedder.bias holds int32, expected floating-point weights" in message
 
 
 # --------------------------------------------------------------------------- taq's own format

@@ -241,7 +241,7 @@ def traced_arrays():
     """Two timesteps of GELU activations of two layers: 'wide' has two outlier channels of different widths (so the
     smallest, mean and largest of the top 2% differ) and drifts with time."""
     rng = np.random.default_rng(0)
-    stats = ActivationStats(HistogramSpec(bins=128, lo=-1.0, hi=40.0))
+    stats = ActivationStats(HistogramSpec(bins=256, limit=64.0))
     values = {}
     for t, scale in ((100.0, 1.0), (900.0, 2.5)):
         pre = rng.standard_normal((64, 100)).astype(np.float32)

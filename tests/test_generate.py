@@ -26,8 +26,28 @@ def test_generate_is_seeded_per_prompt():
     (["x", "--output", "a.jpg"], "must end in .png or .npy"),
     (["x", "--model", "tiny", "--output", "a.png"], "need a VAE"),
     (["x", "--steps", "0", "--output", "a.png"], "--steps must be >= 1"),
+    (["x", "--model", "sd3-medium", "--output", "a.npy"], "sd3-medium needs its weights"),
 ])
 def test_bad_generate_input_exits_2_with_one_line(argv, message, capsys):
     assert main(["generate", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_generate_refuses_a_negative_guidance_scale(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--cfg-scale", "-0.5", "--output", "a.png"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--cfg-scale: must be a number >= 0, got '-0.5'" in err and "\n" not in err
+
+
+def test_generate_refuses_to_write_over_its_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "w.npy"
+    checkpoint.write_bytes(b"weights")
+    assert main(["generate", "x", "--model", "tiny", "--checkpoint", str(checkpoint), "--output", str(checkpoint)]) == 2
+    assert "would destroy that input" in capsys.readouterr().err and checkpoint.read_bytes() == b"weights"
+
+
+def test_the_guidance_scale_must_not_be_negative():
+    with pytest.raises(ValueError, match="guidance scale .* >= 0, got -1"):
+        generate(load_model(), ["a handwritten digit one"], steps=1, cfg_scale=-1)

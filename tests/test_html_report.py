@@ -69,7 +69,7 @@ def test_report_shows_every_figure_by_a_relative_link(report):
     index, page = report
     images = parse(page).images
     on_disk = sorted(p.relative_to(index.parent).as_posix() for p in (index.parent / "figures").glob("*.png"))
-    assert sorted(images) == on_disk and len(on_disk) == 14
+    assert sorted(images) == on_disk and len(on_disk) == 15
     assert all(not Path(src).is_absolute() for src in images)
 
 
@@ -110,7 +110,16 @@ def test_report_from_a_stats_file_path_says_not_run_for_missing_parts(tmp_path, 
     assert "Not run: no calibration metadata" in page
     assert sorted(parse(page).images) == sorted(f"figures/{name}.png" for name in (
         "range_vs_timestep_all", "range_vs_timestep_img", "histogram_mm_00_img", "channel_ranges_mm_00_img",
-        "heatmap_mean", "heatmap_std", "negative_fraction_heatmap"))
+        "heatmap_mean", "heatmap_std", "negative_fraction_heatmap", "zero_fraction_heatmap"))
+    assert "Random weights" not in page
+
+
+def test_report_says_how_exact_zeros_are_counted_and_flags_random_weights(tmp_path, make_post_gelu_stats):
+    small = make_post_gelu_stats(blocks=1, channels=8, tokens=4, timesteps=(500.0,))[0]
+    save_stats(tmp_path / "stats.npz", small, {"model": "tiny", "weights_id": "random-seed-0", "random_weights": True})
+    page = write_report(tmp_path / "report", tmp_path / "stats.npz").read_text()
+    assert "Exact zeros are counted apart from negative values" in page and "zero frac." in page
+    assert "<b>Random weights</b> (random-seed-0)" in page
 
 
 def test_report_rejects_unknown_layers_before_writing(tmp_path, stats):
@@ -150,8 +159,8 @@ def images_loaded_in_chromium(page: Path) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package: chromium)")
 def test_every_image_loads_in_headless_chromium(report, tmp_path):
     index, _ = report
-    assert images_loaded_in_chromium(index) == "14/14"
+    assert images_loaded_in_chromium(index) == "15/15"
     broken = tmp_path / "broken"  # the check itself must notice a missing figure
     shutil.copytree(index.parent, broken)
     (broken / "figures" / "heatmap_std.png").unlink()
-    assert images_loaded_in_chromium(broken / "index.html") == "13/14"
+    assert images_loaded_in_chromium(broken / "index.html") == "14/15"

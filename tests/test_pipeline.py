@@ -11,7 +11,7 @@ SMALL = Recipe("test", CalibrationRecipe(num_trajectories=2, num_steps=4, num_se
 
 
 def test_report_runs_the_pipeline_then_reuses_the_cache(tmp_path):
-    model = load_model("tiny")
+    model = load_model("tiny", random_weights=True)
     first, second = [], []
     index = run_report(model, SMALL, tmp_path / "report", tmp_path / "cache", log=first.append)
     html = index.read_text()

@@ -10,13 +10,13 @@ from taq.cli import main
 from taq.formats.stats import save_stats
 from taq.report.plots import (
     GELU_MINIMUM, channel_ranges_figure, default_layers, heatmap_figure, histogram_figure,
-    negative_fraction_figure, range_vs_timestep_figure, write_figures,
+    fraction_figure, range_vs_timestep_figure, write_figures,
 )
 from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec
 
 DEFAULT_PER_LAYER = ["mm_00_img", "mm_03_img", "mm_05_img", "mm_02_txt"]
 ALL_LAYER_FIGURES = ["range_vs_timestep_all.png", "range_vs_timestep_img.png", "range_vs_timestep_txt.png",
-                     "heatmap_mean.png", "heatmap_std.png", "negative_fraction_heatmap.png"]
+                     "heatmap_mean.png", "heatmap_std.png", "negative_fraction_heatmap.png", "zero_fraction_heatmap.png"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def stats(post_gelu_stats):
 @pytest.fixture(scope="module")
 def holey_stats(synthetic_timesteps):
     """A layer that never saw data, a timestep missing from one layer, a channel that was NaN throughout."""
-    spec = HistogramSpec(128, -1.0, 15.0)
+    spec = HistogramSpec(128, scale=0.25, limit=16.0)
     stats = ActivationStats(spec, ["mm_00_img", "mm_01_img", "mm_00_txt", "mm_01_txt"])
     rng = np.random.default_rng(1)
     for layer, steps in (("mm_00_img", synthetic_timesteps), ("mm_01_img", synthetic_timesteps[:3]),
@@ -67,7 +67,7 @@ def test_layer_filter_restricts_every_figure(stats, tmp_path):
     written = write_figures(stats, tmp_path, layers=["mm_04_txt", "mm_01_txt"])
     assert sorted(f.path.name for f in written) == sorted([
         "range_vs_timestep_all.png", "range_vs_timestep_txt.png", "heatmap_mean.png", "heatmap_std.png",
-        "negative_fraction_heatmap.png", "histogram_mm_04_txt.png", "channel_ranges_mm_04_txt.png",
+        "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "histogram_mm_04_txt.png", "channel_ranges_mm_04_txt.png",
         "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png"])
     heatmap = heatmap_figure(stats, "mean", ["mm_04_txt", "mm_01_txt"])
     assert [t.get_text() for t in heatmap.axes[0].get_yticklabels()] == ["mm_01_txt", "mm_04_txt"]  # by depth
@@ -99,7 +99,7 @@ def test_timestep_axes_run_in_denoising_order(stats, synthetic_timesteps):
     for fig in (range_vs_timestep_figure(stats), range_vs_timestep_figure(stats, stream="img")):
         left, right = fig.axes[1].get_xlim()
         assert left > max(synthetic_timesteps) and right < min(synthetic_timesteps)
-    heatmap = negative_fraction_figure(stats)
+    heatmap = fraction_figure(stats, "negative")
     labels = [float(t.get_text()) for t in heatmap.axes[0].get_xticklabels()]
     assert labels == sorted(synthetic_timesteps, reverse=True)
 
@@ -118,6 +118,16 @@ def test_histogram_marks_the_gelu_minimum_on_a_log_axis(stats, synthetic_timeste
     assert full.get_yscale() == "log"
     assert any(np.allclose(line.get_xdata(), GELU_MINIMUM) for line in full.get_lines())
     assert len(full.patches) == len(synthetic_timesteps)  # one step outline per timestep
+    assert full.get_xscale() == "asinh"  # the bins' own scale: every bin equally wide
+
+
+def test_the_zero_fraction_heatmap_shows_the_cells_exact_zeros():
+    x = np.array([[-0.0, 0.0, 0.5, -0.1]], np.float32)  # float32 GELU's output for x << -5 is -0.0
+    stats = ActivationStats(HistogramSpec(), ["mm_00_img"])
+    stats.update("mm_00_img", 10.0, CellStats.from_activations(mx.array(x)))
+    fig = fraction_figure(stats, "zero")
+    assert "exactly 0" in fig.axes[0].get_title()
+    assert fig.axes[0].images[0].get_array()[0, 0] == 0.5
 
 
 def test_channel_ranges_highlight_the_top_fraction(stats):
@@ -137,10 +147,10 @@ def test_heatmap_rejects_an_unknown_statistic(stats):
 
 def test_missing_layers_cells_and_nan_channels_render_with_notes(holey_stats, tmp_path):
     written = write_figures(holey_stats, tmp_path, layers=["mm_00_img", "mm_01_img", "mm_01_txt"])
-    assert len(written) == 3 + 3 + 3 * 2
+    assert len(written) == 3 + 4 + 3 * 2
     for name in ("heatmap_mean", "negative_fraction", "range_vs_timestep_all"):
         fig = {"heatmap_mean": lambda: heatmap_figure(holey_stats, "mean"),
-               "negative_fraction": lambda: negative_fraction_figure(holey_stats),
+               "negative_fraction": lambda: fraction_figure(holey_stats, "negative"),
                "range_vs_timestep_all": lambda: range_vs_timestep_figure(holey_stats)}[name]()
         text = notes(fig)
         assert "no finite data for mm_01_txt" in text and "2 (layer, timestep) cells without" in text, name
@@ -154,7 +164,7 @@ def test_missing_layers_cells_and_nan_channels_render_with_notes(holey_stats, tm
 def test_stats_without_any_cells_render_with_a_note(tmp_path):
     stats = ActivationStats(HistogramSpec(), ["mm_00_img", "mm_00_txt"])
     written = write_figures(stats, tmp_path)
-    assert len(written) == 3 + 3 + 2 * 2
+    assert len(written) == 3 + 4 + 2 * 2
     assert "no layers or timesteps" in axis_texts(heatmap_figure(stats, "std"))
     ranges = range_vs_timestep_figure(stats)
     assert "no layers or timesteps" in axis_texts(ranges)

@@ -55,12 +55,12 @@ def test_profile_writes_stats_of_every_layer_at_the_sampled_timesteps(tiny_model
     meta = loaded.meta
     assert meta["calibration_sha256"] == file_sha256(tiny_calibration)
     assert (meta["model"], meta["weights_id"], meta["seed"], meta["gelu"]) == ("tiny", "random-seed-0", 1, "tanh")
-    assert meta["hist_spec"] == {"bins": 512, "lo": -8.0, "hi": 8.0} and "both rows are counted" in meta["rows"]
+    assert meta["hist_spec"] == {"bins": 4096, "scale": 1 / 64, "limit": 65536.0} and "both rows are counted" in meta["rows"]
     assert summary.line().startswith(f"wrote statistics of 3 layers x {len(timesteps)} timesteps from 12 points")
 
 
 def test_stats_equal_numpy_over_the_same_captured_activations(tiny_model, tiny_calibration, tmp_path):
-    spec = HistogramSpec(bins=40, lo=-0.1, hi=0.3)  # narrow: under- and overflow both get counts
+    spec = HistogramSpec(bins=40, scale=0.01, limit=0.3)  # narrow: both end bins get counts
     layer = "mm_01_img"
     cal = load_calibration(tiny_calibration)
     ffn = tiny_model.mmdit.joint_blocks[1].x_block.mlp
@@ -97,9 +97,9 @@ def test_stats_equal_numpy_over_the_same_captured_activations(tiny_model, tiny_c
         np.testing.assert_allclose(cell.std, values.astype(np.float64).std(axis=0), rtol=1e-5)
         np.testing.assert_array_equal(cell.min, values.min(axis=0))
         np.testing.assert_array_equal(cell.max, values.max(axis=0))
-        np.testing.assert_array_equal(cell.hist, np.histogram(values, bins=spec.bins, range=(spec.lo, spec.hi))[0])
-        assert (cell.underflow, cell.overflow) == ((values < spec.lo).sum(), (values > spec.hi).sum()) != (0, 0)
-        assert cell.negative == (values < 0).sum()
+        np.testing.assert_array_equal(cell.hist, np.histogram(values, bins=spec.bin_edges)[0])
+        assert cell.hist[-1] == (values >= spec.limit).sum() > 0 and cell.hist.sum() == values.size
+        assert (cell.negative, cell.zero) == ((values < 0).sum(), (values == 0).sum())
 
 
 # --------------------------------------------------------------------------- the plan
@@ -305,7 +305,7 @@ def test_files_that_are_not_taq_calibrations_are_refused(tiny_model, tmp_path):
     np.savez(tmp_path / "plain.npz", xs=np.zeros((2, 4, 4, 4), np.float32))
     (tmp_path / "text.npz").write_text("hello")
     for name, message in (("plain.npz", "no __meta__ record; not a taq taq-calibration file"),
-                          ("text.npz", "not a readable .npz file"), ("absent.npz", "no such file")):
+                          ("text.npz", "not a taq .npz file"), ("absent.npz", "no such file")):
         with pytest.raises(TaqFormatError, match=message):
             profile(tiny_model, tmp_path / name, num_samples=1, output=tmp_path / "stats.npz", progress=False)
     assert not (tmp_path / "stats.npz").exists()
@@ -319,7 +319,7 @@ def test_a_calibration_of_another_model_is_refused_naming_both(pocket_model, tin
 
 def test_a_calibration_of_other_weights_warns(tiny_calibration, tmp_path):
     with pytest.warns(UserWarning, match="other weights of 'tiny'"):
-        profile(load_model("tiny", seed=1), tiny_calibration, num_samples=2, output=tmp_path / "s.npz",
+        profile(load_model("tiny", seed=1, random_weights=True), tiny_calibration, num_samples=2, output=tmp_path / "s.npz",
                 progress=False)
 
 
@@ -329,7 +329,7 @@ def test_a_calibration_of_other_weights_warns(tiny_calibration, tmp_path):
 @pytest.fixture
 def some_stats() -> ActivationStats:
     rng = np.random.default_rng(0)
-    spec = HistogramSpec(bins=16, lo=-2, hi=2)
+    spec = HistogramSpec(bins=16, scale=0.5, limit=2.0)
     stats = ActivationStats(spec, ["mm_00_img", "mm_00_txt"])
     for layer, timestep in (("mm_00_img", 250.0), ("mm_00_img", 750.0), ("mm_00_txt", 750.0)):  # one cell absent
         stats.update(layer, timestep, CellStats.from_activations(mx.array(rng.normal(size=(7, 5)) * 2), spec))
@@ -354,7 +354,9 @@ BAD_STATS = {
     "shape mismatch": (lambda a, m: a.update(mean=a["mean"][..., :4]), r"'mean' has shape \(2, 2, 4\)"),
     "derived key off": (lambda a, m: a.update(std=a["std"] * 2), "'std' is inconsistent"),
     "wrong kind": (lambda a, m: m.update(kind="taq-calibration"), "expected 'taq-stats'"),
-    "newer version": (lambda a, m: m.update(format_version=2), "format version 2"),
+    "newer version": (lambda a, m: m.update(format_version=3), "format version 3"),
+    "histogram short of a finite value": (lambda a, m: a["hist"][0, 0].__setitem__(0, a["hist"][0, 0, 0] - 1),
+                                          "inconsistent counts"),
 }
 
 

@@ -1,13 +1,15 @@
 import taq  # noqa: F401  (first: loads a fast BLAS before mlx.core)
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, HistogramSpec, compiled_reducer,
-                               pack_reductions, reduce_batch, unpack_reductions)
+from taq.tracing.histogram import FLOAT32_MAX, MAX_BINS, HistogramSpec, HistogramSpecError
+from taq.tracing.stats import (CELL_COUNTERS, ActivationStats, BatchReduction, CellStats, compiled_reducer, pack_reductions,
+                               reduce_batch, unpack_reductions)
 
 RTOL = 1e-5
 SPEC = HistogramSpec()
@@ -45,54 +47,71 @@ def assert_matches_reference(cell: CellStats, x) -> None:
 
 
 def assert_histogram_is_numpys(cell: CellStats, x, spec: HistogramSpec = SPEC) -> None:
+    """The cell's histogram is numpy.histogram's over the spec's float32 edges, and holds every finite value."""
     x = np.asarray(x, dtype=np.float32).reshape(-1)
-    expected, edges = np.histogram(x, bins=spec.bins, range=(spec.lo, spec.hi))
-    np.testing.assert_array_equal(edges, spec.bin_edges)
-    np.testing.assert_array_equal(cell.hist, expected)
     finite = x[np.isfinite(x)]
-    assert cell.underflow == np.count_nonzero(finite < np.float32(spec.lo))
-    assert cell.overflow == np.count_nonzero(finite > np.float32(spec.hi))
+    np.testing.assert_array_equal(cell.hist, np.histogram(finite, bins=spec.bin_edges)[0])
+    assert cell.hist.sum() == finite.size
 
 
-# --------------------------------------------------------------------------- one batch
+# --------------------------------------------------------------------------- the histogram layout
 
 
-def test_per_channel_statistics_match_float64_numpy():
-    rng = np.random.default_rng(0)
-    offsets = np.array([0.0, 1e-3, -5.0, 1000.0, 3e6, -2e-7])  # large offsets defeat a naive sum of squares
-    spreads = np.array([1.0, 1e-4, 3.0, 0.01, 50.0, 1e-9])
-    x = (offsets + spreads * rng.standard_normal((3, 700, 6))).astype(np.float32)
-    assert_matches_reference(cell_of(x), x)
+def test_the_default_bins_are_fine_on_gelus_negative_side_and_a_fixed_fraction_wide_in_the_tail():
+    edges = SPEC.bin_edges.astype(np.float64)
+    assert edges[0] == -FLOAT32_MAX and edges[-1] == FLOAT32_MAX and edges[SPEC.bins // 2] == 0
+    np.testing.assert_array_equal(edges, -edges[::-1])  # symmetric around 0
+    assert np.count_nonzero((edges > -0.17) & (edges < 0)) >= 390  # the seed's [-8, 8] x 512 had 5 here
+    inner = edges[1:-1]
+    assert inner[0] == -SPEC.limit and inner[-1] == SPEC.limit
+    width = np.diff(inner)
+    tail = inner[1:] > 1  # beyond the linear core the width is a constant fraction of the value
+    np.testing.assert_allclose(width[tail] / inner[1:][tail], width[tail][-1] / inner[-1], rtol=0.02)
+    assert width[tail][-1] / inner[-1] < 0.008 and width.min() < 2e-4
 
 
-def test_histogram_equals_numpy_on_gaussian_data_beyond_the_range():
-    x = (4 * np.random.default_rng(1).standard_normal((2, 500, 32))).astype(np.float32)
+@settings(max_examples=60, deadline=None)
+@given(half=st.integers(2, 2048), scale=st.floats(1e-4, 10.0), ratio=st.floats(1.0, 1e6))
+def test_any_spec_has_increasing_edges_from_minus_to_plus_float32_max(half, scale, ratio):
+    spec = HistogramSpec(2 * half, scale, scale * ratio)
+    edges = spec.bin_edges
+    assert edges.dtype == np.float32 and edges.shape == (spec.bins + 1,) and np.all(np.diff(edges) > 0)
+    assert (edges[0], edges[-1]) == (-FLOAT32_MAX, FLOAT32_MAX) and edges[half] == 0
+
+
+def test_every_finite_float32_lands_in_a_bin():
+    x = np.array([0.0, -0.0, 1e-45, -1e-45, 65536.0, -65536.0, 65537.0, 1e30, -3e38, FLOAT32_MAX, -FLOAT32_MAX,
+                  np.nextafter(np.float32(65536), np.float32(0))], np.float32)[:, None]
     cell = cell_of(x)
     assert_histogram_is_numpys(cell, x)
-    assert cell.underflow > 0 and cell.overflow > 0
-    assert cell.hist.sum() + cell.underflow + cell.overflow == x.size
+    assert cell.hist[0] == 2 and cell.hist[-1] == 4  # the end bins: below -limit, and from +limit (an edge) up
 
 
 def edges_and_neighbours(spec: HistogramSpec) -> np.ndarray:
+    """Every edge with its float32 neighbours (those beyond float32's max are inf)."""
     edges = spec.bin_edges
-    return np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf))])
+    with np.errstate(over="ignore"):
+        return np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf))])
 
 
-@pytest.mark.parametrize("spec", [SPEC, HistogramSpec(7, -0.3, 0.7), HistogramSpec(1000, -1 / 3, 2 / 3),
-                                  HistogramSpec(1, 0.1, 0.2), HistogramSpec(513, -8.0, 8.0)])
+@pytest.mark.parametrize("spec", [SPEC, HistogramSpec(4, 1.0, 2.0), HistogramSpec(1000, 1e-3, 1e4),
+                                  HistogramSpec(6, 0.5, 0.5),
+                                  HistogramSpec(MAX_BINS, 1 / 64, 65536.0)])
 def test_values_on_bin_edges_land_where_numpy_puts_them(spec):
-    x = edges_and_neighbours(spec)[:, None]  # lo, hi and every interior edge, each with its float32 neighbours
+    x = edges_and_neighbours(spec)
+    x = x[np.isfinite(x)][:, None]  # every edge with its float32 neighbours
     assert_histogram_is_numpys(cell_of(x, spec), x, spec)
 
 
 @settings(max_examples=100, deadline=None)
-@given(bins=st.integers(1, 600), lo=st.floats(-1e4, 1e4), width=st.floats(1e-2, 1e4), data=st.data())
-def test_histogram_equals_numpy_for_any_equal_bins(bins, lo, width, data):
-    assume(width > bins * abs(lo) * 1e-6)  # float32 edges stay distinct
-    spec = HistogramSpec(bins, lo, lo + width)
+@given(half=st.integers(2, 300), scale=st.floats(1e-4, 100.0), ratio=st.floats(1.0, 1e7), data=st.data())
+def test_histogram_equals_numpy_for_any_spec(half, scale, ratio, data):
+    spec = HistogramSpec(2 * half, scale, scale * ratio)
     pool = edges_and_neighbours(spec)
+    pool = pool[np.isfinite(pool)]
     picks = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=1, max_size=60))
-    noise = data.draw(arrays(np.float32, st.integers(0, 20), elements=st.floats(-2e4, 2e4, width=32)))
+    noise = data.draw(arrays(np.float32, st.integers(0, 20), elements=st.floats(width=32, allow_nan=False,
+                                                                                allow_infinity=False)))
     x = np.concatenate([pool[picks], noise])[:, None]
     assert_histogram_is_numpys(cell_of(x, spec), x, spec)
 
@@ -106,7 +125,7 @@ def test_non_finite_values_are_counted_and_excluded_from_everything_else():
     cell = cell_of(x)
     assert (cell.nan, cell.posinf, cell.neginf) == (np.isnan(x).sum(), np.isposinf(x).sum(), np.isneginf(x).sum())
     assert_matches_reference(cell, x)
-    assert_histogram_is_numpys(cell, x)  # +-Inf are not underflow/overflow
+    assert_histogram_is_numpys(cell, x)  # +-Inf are in no bin
     finite = x[np.isfinite(x)]
     assert cell.negative == np.count_nonzero(finite < 0)
     assert cell.negative_fraction == pytest.approx(np.mean(finite < 0))
@@ -142,7 +161,7 @@ def test_huge_values_neither_overflow_nor_lose_accuracy():
     cell = cell_of(x)
     assert np.isfinite(cell.std).all()
     assert_matches_reference(cell, x)
-    assert cell.overflow + cell.underflow == x.size
+    assert cell.hist[0] + cell.hist[-1] == x.size  # all beyond the fine bins: the two end bins
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (2, 0, 4)])
@@ -162,11 +181,27 @@ def test_activations_without_channels_are_rejected(shape):
         cell_of(np.zeros(shape))
 
 
-@pytest.mark.parametrize("kwargs", [dict(bins=0), dict(bins=2.5), dict(lo=1.0, hi=1.0), dict(lo=float("nan")),
-                                    dict(hi=float("inf")), dict(bins=10**4, lo=1.0, hi=1.0001)])
-def test_bad_histogram_specs_are_rejected(kwargs):
-    with pytest.raises(ValueError, match="HistogramSpec|bins"):
+@pytest.mark.parametrize("kwargs, field", [(dict(bins=0), "bins"), (dict(bins=2.5), "bins"), (dict(bins=7), "bins"),
+                                           (dict(bins=MAX_BINS + 2), "bins"), (dict(scale=0.0), "scale"),
+                                           (dict(scale=float("nan")), "scale"), (dict(limit=float("inf")), "limit"),
+                                           (dict(limit=-1.0), "limit"), (dict(scale=1e-31), "scale"),
+                                           (dict(limit=1e31), "limit")])
+def test_bad_histogram_specs_are_rejected_naming_the_field(kwargs, field):
+    with pytest.raises(HistogramSpecError, match=f"HistogramSpec.{field} ") as error:
         HistogramSpec(**kwargs)
+    assert error.value.field == field
+
+
+def test_exact_zeros_are_counted_apart_from_negative_values():
+    x = np.array([[-0.0, 0.0, -1e-30, 1e-30, -0.17, 3.0]], np.float32)
+    cell = cell_of(x)
+    assert (cell.negative, cell.zero) == (2, 2) and cell.zero_fraction == pytest.approx(2 / 6)
+
+
+def test_float32_gelu_turns_far_negative_inputs_into_zeros_not_negatives():
+    pre = mx.array(np.linspace(-8.0, -6.0, 64, dtype=np.float32))[None]
+    cell = CellStats.from_activations(nn.gelu_approx(pre))
+    assert (cell.negative, cell.zero) == (0, 64)  # in float64 all 64 would be negative
 
 
 def test_mixed_precision_activations_are_reduced_in_float32():
@@ -183,7 +218,7 @@ def test_mixed_precision_activations_are_reduced_in_float32():
 def assert_cells_equal(a: CellStats, b: CellStats) -> None:
     for name in ("count", "hist", "min", "max"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    for name in ("underflow", "overflow", "negative", "nan", "posinf", "neginf"):
+    for name in CELL_COUNTERS:
         assert getattr(a, name) == getattr(b, name), name
     filled = a.count > 0
     scale = np.maximum(np.abs(a.mean), a.std)[filled]
@@ -245,8 +280,9 @@ def test_export_stacks_layers_by_sorted_timesteps_and_leaves_missing_cells_empty
     np.testing.assert_array_equal(arrays_["timesteps"], [20.5, 500.0, 1000.0])
     L, T, C, B = 3, 3, 5, SPEC.bins
     shapes = {"count": (L, T, C), "mean": (L, T, C), "std": (L, T, C), "min": (L, T, C), "max": (L, T, C),
-              "hist": (L, T, B), "bin_edges": (B + 1,), "negative_fraction": (L, T), "underflow": (L, T),
-              "overflow": (L, T), "nan": (L, T), "posinf": (L, T), "neginf": (L, T), "present": (L, T)}
+              "hist": (L, T, B), "bin_edges": (B + 1,), "negative_fraction": (L, T), "zero_fraction": (L, T),
+              "zero": (L, T), "negative": (L, T), "nan": (L, T), "posinf": (L, T), "neginf": (L, T),
+              "present": (L, T), "hist_scale": (), "hist_limit": ()}
     assert {k: arrays_[k].shape for k in shapes} == shapes
     assert not arrays_["present"][1, 1] and arrays_["present"].sum() == 8
     assert arrays_["count"][1, 1].sum() == 0 and arrays_["hist"][1, 1].sum() == 0
@@ -322,7 +358,7 @@ def test_inconsistent_arrays_are_rejected(corrupt):
     elif corrupt == "nan_mean":
         arrays_["mean"][0, 0, 0] = np.nan
     elif corrupt == "edges":
-        arrays_["bin_edges"] = arrays_["bin_edges"] * 2
+        arrays_["bin_edges"] = arrays_["bin_edges"] / 2
     else:
         del arrays_["hist"]
     with pytest.raises(ValueError):

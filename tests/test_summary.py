@@ -69,13 +69,14 @@ def test_histogram_quantile_interpolates_linearly_inside_a_bin():
     np.testing.assert_allclose(histogram_quantile(hist, edges, [0, 0.25, 0.5, 1]), [1.0, 1.25, 1.5, 2.0])
 
 
-def test_histogram_quantile_out_of_range_empty_and_batched():
-    edges = np.linspace(0, 4, 5)
-    hist = np.array([[1, 1, 1, 1], [0, 0, 0, 0]])  # (2, 4): second histogram empty
-    values = histogram_quantile(hist, edges, 0.5, underflow=np.array([10, 0]), overflow=np.array([0, 0]))
-    assert values[0] == -np.inf and np.isnan(values[1])  # 10 of 14 values lie below the range
-    assert histogram_quantile(hist[0], edges, 1.0, overflow=1) == np.inf
-    assert histogram_quantile(hist[0], edges, 0.5, overflow=0) == 2.0
+def test_histogram_quantile_stays_within_given_extremes_empty_and_batched():
+    edges = np.array([-3e38, 0.0, 1.0, 3e38])  # wide end bins, as the stats' are
+    hist = np.array([[0, 2, 2], [0, 0, 0]])  # (2, 3): second histogram empty
+    values = histogram_quantile(hist, edges, [1.0, 1.0])
+    assert values[0] == 3e38 and np.isnan(values[1])  # interpolated across the whole end bin
+    bounded = histogram_quantile(hist, edges, 1.0, lowest=np.array([0.1, np.nan]), highest=np.array([1.5, np.nan]))
+    assert bounded[0] == 1.5 and np.isnan(bounded[1])
+    assert histogram_quantile(hist[0], edges, 0.0, lowest=0.1) == 0.1
 
 
 @pytest.mark.parametrize("q", [-0.1, 1.5, float("nan")])
@@ -185,9 +186,9 @@ def test_unknown_layers_are_named_with_the_known_ones(fixture_stats):
 
 
 def test_empty_layers_cells_and_nan_values_give_na_rows_not_errors():
-    spec = HistogramSpec(64, -1.0, 7.0)
+    spec = HistogramSpec(64, scale=0.25, limit=8.0)
     stats = ActivationStats(spec, ["mm_00_img", "mm_01_img"])  # mm_01_img never gets data
-    x = np.clip(np.random.default_rng(0).standard_normal((32, 8)), -0.9, 6.9).astype(np.float32)  # inside the bins
+    x = np.clip(np.random.default_rng(0).standard_normal((32, 8)), -0.9, 6.9).astype(np.float32)  # inside the fine bins
     x[:, 3] = np.nan  # a channel without a single finite value
     stats.update("mm_00_img", 500.0, CellStats.from_activations(mx.array(x), spec))
     stats.update("mm_00_img", 100.0, CellStats.from_activations(mx.array(x[:0]), spec))  # an empty cell
@@ -215,8 +216,9 @@ def test_markdown_has_a_row_per_layer_and_a_footnote_per_column(fixture_stats):
     text = format_markdown(rows, outlier_fraction=0.05)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
-    assert all(line.count("|") == 10 for line in table)
-    for header in ("min", "max", "mean", "std", "neg. frac.", "asymmetry", "outlier ratio", "temporal ratio"):
+    assert all(line.count("|") == 11 for line in table)
+    for header in ("min", "max", "mean", "std", "neg. frac.", "zero frac.", "asymmetry", "outlier ratio",
+                   "temporal ratio"):
         assert f"- **{header}**:" in text
     assert "top 5% channels" in text
 

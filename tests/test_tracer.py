@@ -211,8 +211,8 @@ def test_recorded_statistics_equal_a_numpy_reference(toy):
             np.testing.assert_allclose(cell.std, std, rtol=1e-5)
             np.testing.assert_array_equal(cell.min, flat.min(axis=0))
             np.testing.assert_array_equal(cell.max, flat.max(axis=0))
-            np.testing.assert_array_equal(cell.hist, np.histogram(flat.astype(np.float32), 512, (-8.0, 8.0))[0])
-            assert cell.negative == np.count_nonzero(flat < 0)
+            np.testing.assert_array_equal(cell.hist, np.histogram(flat.astype(np.float32), stats.spec.bin_edges)[0])
+            assert (cell.negative, cell.zero) == (np.count_nonzero(flat < 0), np.count_nonzero(flat == 0))
 
 
 def test_a_flush_takes_every_layer_and_merges_it_by_the_next_flush_or_sync(toy):

@@ -2,7 +2,7 @@
 
 Everything here reads the arrays of `ActivationStats.to_arrays()` (`stats_arrays` accepts a stats file, the
 container or the dict): per-channel statistics (L, T, C) with NaN where a channel saw no finite value, histograms
-(L, T, bins) over a fixed range, counters (L, T). Cells without data give NaN, never an exception. Pure NumPy.
+(L, T, bins) over fixed edges that hold every finite value, counters (L, T). Cells without data give NaN, never an exception. Pure NumPy.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def stats_arrays(stats) -> dict[str, np.ndarray]:
     else:
         raise ValueError(f"expected a stats file, ActivationStats or its arrays, got {type(stats).__name__}")
     missing = [k for k in ("layers", "timesteps", "count", "mean", "m2", "min", "max", "hist", "bin_edges",
-                           "negative", "underflow", "overflow") if k not in arrays]
+                           "negative", "zero") if k not in arrays]
     if missing:
         raise ValueError(f"activation stats arrays lack {missing}")
     return arrays
@@ -73,13 +73,14 @@ def display_order(names: Sequence[str]) -> list[int]:
 # --------------------------------------------------------------------------- percentiles from histograms
 
 
-def histogram_quantile(hist, bin_edges, q, *, underflow=0, overflow=0) -> np.ndarray:
+def histogram_quantile(hist, bin_edges, q, lowest=None, highest=None) -> np.ndarray:
     """Quantile q in [0, 1] of the values binned in `hist` (..., bins), interpolating linearly inside a bin.
 
-    Values are taken as spread evenly over their bin: the result for q is where the cumulative count reaches
-    q * N. With `underflow`/`overflow` counts (values below/above the histogram range, shape of hist[..., 0]),
-    N includes them, and a quantile that falls among them is -inf/+inf (it lies outside the range). NaN where
-    the histogram is empty. Shape: broadcast of hist[..., 0] and q.
+    Values are taken as spread evenly over their bin (bins of any widths): the result for q is where the
+    cumulative count reaches q * N. `lowest` / `highest` (shape of hist[..., 0]), the exact extremes of the binned
+    values where known, keep the result within them: interpolating inside the first and last occupied bins can
+    overshoot, most of all in the end bins that reach float32's max. NaN where the histogram is empty. Shape:
+    broadcast of hist[..., 0] and q.
     """
     hist = np.asarray(hist, dtype=np.float64)
     edges = np.asarray(bin_edges, dtype=np.float64)
@@ -88,12 +89,9 @@ def histogram_quantile(hist, bin_edges, q, *, underflow=0, overflow=0) -> np.nda
         raise ValueError(f"bin_edges of shape {edges.shape} do not fit a histogram of shape {hist.shape}")
     if np.any((q < 0) | (q > 1)) or np.any(np.isnan(q)):
         raise ValueError(f"quantile levels must lie in [0, 1], got {q}")
-    under = np.asarray(underflow, dtype=np.float64)
-    over = np.asarray(overflow, dtype=np.float64)
     cum = np.cumsum(hist, axis=-1)  # (..., bins)
-    inside = cum[..., -1]
-    total = under + inside + over
-    target = np.broadcast_to(q * total - under, np.broadcast_shapes(inside.shape, q.shape))  # rank in the hist
+    total = cum[..., -1]
+    target = np.broadcast_to(q * total, np.broadcast_shapes(total.shape, q.shape))  # rank in the hist
     cum_b = np.broadcast_to(cum, target.shape + cum.shape[-1:])
     # First bin whose cumulative count reaches the target; at target 0, the first non-empty bin.
     reached = np.where(target[..., None] > 0, cum_b < target[..., None], cum_b <= 0)
@@ -103,7 +101,10 @@ def histogram_quantile(hist, bin_edges, q, *, underflow=0, overflow=0) -> np.nda
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.clip((target - before) / in_bin, 0.0, 1.0)
     value = edges[b] + fraction * (edges[b + 1] - edges[b])
-    value = np.where(target < 0, -np.inf, np.where(target > inside, np.inf, value))
+    if lowest is not None:
+        value = np.maximum(value, lowest)
+    if highest is not None:
+        value = np.minimum(value, highest)
     return np.where(total > 0, value, np.nan)
 
 
@@ -150,20 +151,15 @@ def cell_moments(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cell_quantile(arrays: dict, q: float) -> np.ndarray:
-    """(L, T) quantile q of each cell's histogram, kept within the cell's exact [min, max] (interpolation inside
-    the first and last occupied bins can overshoot them); -inf/+inf where q falls outside the histogram range."""
-    value = histogram_quantile(arrays["hist"], arrays["bin_edges"], q,
-                               underflow=arrays["underflow"], overflow=arrays["overflow"])
-    lowest, highest = cell_min(arrays), cell_max(arrays)
-    inside = np.isfinite(value) & np.isfinite(lowest) & np.isfinite(highest)
-    return np.where(inside, np.clip(value, np.where(inside, lowest, 0), np.where(inside, highest, 0)), value)
+    """(L, T) quantile q of each cell's histogram, kept within the cell's exact [min, max]."""
+    return histogram_quantile(arrays["hist"], arrays["bin_edges"], q, cell_min(arrays), cell_max(arrays))
 
 
-def cell_negative_fraction(arrays: dict) -> np.ndarray:
-    """(L, T) fraction of each cell's finite values that are < 0."""
+def cell_fraction(arrays: dict, counter: str) -> np.ndarray:
+    """(L, T) fraction of each cell's finite values counted by `counter` ("negative": < 0, "zero": == 0)."""
     total = np.asarray(arrays["count"]).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, arrays["negative"] / np.maximum(total, 1), np.nan)
+        return np.where(total > 0, arrays[counter] / np.maximum(total, 1), np.nan)
 
 
 def channel_ranges(arrays: dict, layer: int) -> np.ndarray:

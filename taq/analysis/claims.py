@@ -107,13 +107,13 @@ def _time_aware(bits: int) -> Compute:
         hist = np.asarray(arrays["hist"][i])
         if hist.sum() == 0:
             return float("nan"), "empty histogram"
-        result = time_aware_mse(hist, arrays["bin_edges"], bits)
-        outside = int(np.sum(arrays["underflow"][i]) + np.sum(arrays["overflow"][i]))
+        result = time_aware_mse(hist, arrays["bin_edges"], bits, *layer_extremes(arrays, i))
         note = (f"MSE {result.shared_mse:.3g} shared (range {result.lo:.3g}..{result.shared_hi:.3g}) vs "
                 f"{result.per_timestep_mse:.3g} per timestep (hi {np.nanmin(result.per_timestep_hi):.3g}.."
                 f"{np.nanmax(result.per_timestep_hi):.3g})")
-        if outside:
-            note += f"; {outside} values outside the histogram range not counted"
+        beyond = int(hist[:, [0, -1]].sum())  # the end bins: beyond the fine bins' limit
+        if beyond:
+            note += f"; {beyond} values in the coarse end bins beyond +-{float(arrays['bin_edges'][-2]):g}"
         return result.ratio, note
     return compute
 

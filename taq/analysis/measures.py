@@ -28,9 +28,10 @@ def layer_extremes(arrays: dict, layer: int) -> tuple[float, float]:
 
 
 def layer_timestep_ranges(arrays: dict, layer: int) -> np.ndarray:
-    """(T,) one layer's per-timestep p0.1 .. p99.9 range, from its histograms (`per_timestep_ranges`)."""
-    return per_timestep_ranges(arrays["hist"][layer], arrays["bin_edges"], underflow=arrays["underflow"][layer],
-                               overflow=arrays["overflow"][layer])
+    """(T,) one layer's per-timestep p0.1 .. p99.9 range, from its histograms (`per_timestep_ranges`), each
+    quantile kept within the timestep's exact min and max."""
+    return per_timestep_ranges(arrays["hist"][layer], arrays["bin_edges"], lowest=nan_min(arrays["min"][layer], -1),
+                               highest=nan_max(arrays["max"][layer], -1))
 
 
 # --------------------------------------------------------------------------- asymmetry
@@ -72,15 +73,15 @@ def wasted_levels_fraction(lowest: float, highest: float, bits: int = WASTED_LEV
 # --------------------------------------------------------------------------- temporal drift
 
 
-def per_timestep_ranges(hist: np.ndarray, bin_edges: np.ndarray, quantiles=RANGE_QUANTILES,
-                        underflow=0, overflow=0) -> np.ndarray:
-    """(T,) width of the quantile range of each timestep's histogram (T, bins); NaN for empty timesteps, inf
-    when a quantile falls outside the histogram range."""
+def per_timestep_ranges(hist: np.ndarray, bin_edges: np.ndarray, quantiles=RANGE_QUANTILES, lowest=None,
+                        highest=None) -> np.ndarray:
+    """(T,) width of the quantile range of each timestep's histogram (T, bins); NaN for empty timesteps.
+    `lowest` / `highest` (T,): the exact extremes, see `histogram_quantile`."""
     lo_q, hi_q = quantiles
     if not 0 <= lo_q < hi_q <= 1:
         raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles}")
-    low = histogram_quantile(hist, bin_edges, lo_q, underflow=underflow, overflow=overflow)
-    high = histogram_quantile(hist, bin_edges, hi_q, underflow=underflow, overflow=overflow)
+    low = histogram_quantile(hist, bin_edges, lo_q, lowest, highest)
+    high = histogram_quantile(hist, bin_edges, hi_q, lowest, highest)
     return high - low
 
 

@@ -71,7 +71,9 @@ class TimeAwareMSE:
     Ranges are [lo, hi]: lo is the lower edge of the layer's lowest occupied bin (post-GELU: GELU's floor, the
     same at every timestep); hi is chosen to minimize the MSE among the upper edges of the occupied bins, once for
     all timesteps together (`shared_hi`) and once per timestep (`per_timestep_hi`). Both choose from the same
-    candidates, so the per-timestep MSE is never above the shared one.
+    candidates, so the per-timestep MSE is never above the shared one. Given the layer's exact extremes, they
+    replace the outer edges of the lowest and highest occupied bins (the values lie within them), so lo is the
+    minimum itself and no value is spread over the part of an end bin it cannot be in.
     """
 
     bits: int
@@ -88,16 +90,23 @@ class TimeAwareMSE:
         return self.shared_mse / self.per_timestep_mse
 
 
-def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int) -> TimeAwareMSE:
-    """Shared vs per-timestep range MSE of `bits`-bit fake quantization of the values in hist (T, bins)."""
+def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None = None,
+                   highest: float | None = None) -> TimeAwareMSE:
+    """Shared vs per-timestep range MSE of `bits`-bit fake quantization of the values in hist (T, bins), whose
+    exact smallest and largest values are `lowest` and `highest` where known."""
     hist = np.asarray(hist, dtype=np.float64)
-    edges = np.asarray(bin_edges, dtype=np.float64)
+    edges = np.array(bin_edges, dtype=np.float64)
     if hist.ndim != 2 or edges.shape != (hist.shape[1] + 1,):
         raise ValueError(f"expected hist (T, bins) and bin_edges (bins + 1,), got {hist.shape} and {edges.shape}")
     occupied = np.flatnonzero(hist.sum(axis=0) > 0)
     if occupied.size == 0:
         raise ValueError("the histogram is empty: no values to quantize")
-    lo = float(edges[occupied[0]])
+    first, last = occupied[0], occupied[-1] + 1
+    if lowest is not None and edges[first] < lowest < edges[first + 1]:
+        edges[first] = lowest
+    if highest is not None and edges[last - 1] < highest < edges[last]:
+        edges[last] = highest
+    lo = float(edges[first])
     candidates = edges[occupied + 1]  # (H,) each > lo
     errors = binned_squared_errors(edges, lo, candidates[:, None], bits)  # (H, bins)
     totals = hist @ errors.T  # (T, H): summed squared error of each timestep under each candidate

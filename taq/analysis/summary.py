@@ -18,7 +18,7 @@ class LayerSummary:
 
     - min, max: smallest and largest activation.
     - mean, std: mean and population standard deviation of all values (pooled over channels and timesteps).
-    - negative_fraction: fraction of values < 0.
+    - negative_fraction, zero_fraction: fraction of values < 0 and == 0 (`ZEROS_NOTE` says why both).
     - asymmetry, outlier_ratio, temporal_ratio: the claims' numbers (`taq.analysis.measures`), so the table and
       the claims agree: max / |min|; smallest range among the widest `fraction` of channels / median channel
       range; widest / narrowest per-timestep p0.1..p99.9 range.
@@ -30,17 +30,24 @@ class LayerSummary:
     mean: float
     std: float
     negative_fraction: float
+    zero_fraction: float
     asymmetry: float
     outlier_ratio: float
     temporal_ratio: float
 
+
+# Why exact zeros are counted apart (measured with MLX's GELU on the CPU).
+ZEROS_NOTE = ("GELU rounds every input below about -5.2 (tanh form; -5.5 exact) to -0.0 in float32, and below "
+              "about -3.1 in bfloat16, so values negative in exact arithmetic are counted as zeros; the fraction of "
+              "values <= 0 is the negative and the zero fraction together")
 
 COLUMN_NOTES = {
     "min": "smallest finite activation over all timesteps and channels",
     "max": "largest finite activation over all timesteps and channels",
     "mean": "mean of all values (pooled over channels and timesteps)",
     "std": "population standard deviation of all values (pooled)",
-    "negative_fraction": "fraction of values < 0",
+    "negative_fraction": "fraction of values < 0 (exact zeros not included)",
+    "zero_fraction": f"fraction of values exactly 0: {ZEROS_NOTE}",
     "asymmetry": "max / |min|; post-GELU values stop near -0.17, so a large ratio means a range lopsided to the "
                  "positive side",
     "outlier_ratio": "smallest range among the top {pct} channels by range / median channel range; a channel's "
@@ -64,9 +71,11 @@ def summarize(stats, layers: Sequence[str] | None = None,
                                                           arrays["mean"][i].reshape(-1),
                                                           arrays["m2"][i].reshape(-1), axis=0))
             total = int(np.asarray(arrays["count"][i]).sum())
+            fraction = {k: int(np.asarray(arrays[k][i]).sum()) / total if total else float("nan")
+                        for k in ("negative", "zero")}
             rows.append(LayerSummary(
-                layer=names[i], min=lo, max=hi, mean=mean, std=std,
-                negative_fraction=int(np.asarray(arrays["negative"][i]).sum()) / total if total else float("nan"),
+                layer=names[i], min=lo, max=hi, mean=mean, std=std, negative_fraction=fraction["negative"],
+                zero_fraction=fraction["zero"],
                 asymmetry=asymmetry_ratio(lo, hi), outlier_ratio=outlier_ratio(channel_ranges(arrays, i),
                                                                               outlier_fraction),
                 temporal_ratio=temporal_range_factor(layer_timestep_ranges(arrays, i)),

@@ -1,7 +1,7 @@
 """The calibration set (phase 1's output, phase 2's and the quantizer's input) and calibrate's resume file.
 
 A calibration file holds P points (x_t, t) of T trajectories, K selected steps each, and the embeddings of the M
-prompts they were sampled with; `meta` records the recipe, the sigmas and the selected steps, so every t can be
+prompts they were sampled with (each used by some point); `meta` records the recipe, the sigmas and the selected steps, so every t can be
 checked against the step it claims to come from.
 """
 
@@ -100,6 +100,10 @@ def load_calibration(path: str | os.PathLike) -> CalibrationSet:
     indices = arrays["prompt_indices"]
     if num_points and (indices.min() < 0 or indices.max() >= num_prompts):
         raise fail(f"'prompt_indices' range [{indices.min()}, {indices.max()}] is outside the {num_prompts} prompts")
+    unused = num_prompts - np.unique(indices).size
+    if unused:
+        raise fail(f"{unused} of its {num_prompts} prompts are used by no point (a calibration file stores the "
+                   "prompts its points use)")
     if not np.isfinite(arrays["xs"]).all():
         raise fail(f"'xs' holds {np.size(arrays['xs']) - np.isfinite(arrays['xs']).sum()} NaN or inf values")
     _check_timesteps(arrays, meta, fail)
@@ -128,6 +132,14 @@ def save_partial(path: str | os.PathLike, xs: np.ndarray, recipe: dict) -> None:
     """Checkpoint finished trajectories' selected x_t, (T_done, K, H, W, C), with the recipe they belong to."""
     save_npz(path, {"xs": xs}, {"recipe": recipe, "finished": int(xs.shape[0])}, kind=PARTIAL_KIND,
              version=PARTIAL_VERSION)
+
+
+def partial_progress(path: str | os.PathLike) -> int:
+    """How many finished trajectories a resume file holds (from its metadata alone); 0 if there is none."""
+    try:
+        return int(_read_meta(path, kind=PARTIAL_KIND, version=PARTIAL_VERSION).get("finished", 0))
+    except (TaqFormatError, TypeError, ValueError):
+        return 0
 
 
 def load_partial(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -3,11 +3,16 @@
 SD3's single-file checkpoints keep the MMDiT under `model.diffusion_model.` with PyTorch layouts; taq's MMDiT uses
 the same module names, so the only conversion is the patch-embedding convolution (OIHW -> OHWI).
 taq's own files hold one or more named modules (`mmdit.`, `text_encoder.`) and a JSON metadata record.
+
+Every .safetensors file is checked against its header before MLX reads it (a truncated, cut or foreign file is a
+CheckpointError naming the file, never an MLX error or a read past the end). The format has no checksum: a
+changed byte inside a tensor's data is a different, valid tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -27,7 +32,69 @@ HF_SD3_MEDIUM = ("stabilityai/stable-diffusion-3-medium", "sd3_medium.safetensor
 
 
 class CheckpointError(TaqFormatError):
-    """A checkpoint's keys or shapes do not fit the model."""
+    """A weights file is unreadable, or its keys or shapes do not fit the model."""
+
+
+# --------------------------------------------------------------------------- the safetensors container
+
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, after checking that it describes the file's bytes exactly: every
+    tensor's dtype, shape and byte range fit, and the ranges tile the data without gaps or overlaps."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path}: not a safetensors file, or cut short (a header of {length} bytes in a "
+                                  f"file of {size})")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: its __metadata__ is not a table of strings")
+    data_bytes, ranges = size - 8 - length, []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            valid = (dtype in SAFETENSORS_DTYPES and all(type(n) is int and n >= 0 for n in (*shape, begin, end))
+                     and end - begin == math.prod(shape) * SAFETENSORS_DTYPES[dtype] and end <= data_bytes)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise CheckpointError(f"{path}: tensor {key!r} has an invalid or cut-short entry {entry!r:.120} "
+                                  f"({data_bytes} bytes of data)")
+        ranges.append((begin, end))
+    covered = 0
+    for begin, end in sorted(ranges):
+        if begin != covered:
+            raise CheckpointError(f"{path}: its tensors overlap or leave gaps in the data (at byte {covered})")
+        covered = end
+    if covered != data_bytes:
+        raise CheckpointError(f"{path}: {data_bytes - covered} bytes after the last tensor belong to none")
+    return header
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, read completely (MLX reads lazily: a read error would
+    otherwise surface at first use)."""
+    check_safetensors_header(path)
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        mx.eval(list(arrays.values()))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable tensors ({exc})") from None
+    return arrays, metadata
 
 
 # --------------------------------------------------------------------------- SD3 layout
@@ -59,14 +126,15 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
                               f"run `huggingface-cli download {repo} {filename}` first") from None
 
 
-def infer_sd3_config(weights: dict[str, mx.array], **overrides) -> MMDiTConfig:
-    """Read an MMDiTConfig off the shapes of SD3-layout weights (prefix already stripped)."""
+def infer_sd3_config(weights: dict[str, mx.array], head_dim: int = SD3_HEAD_DIM, **overrides) -> MMDiTConfig:
+    """Read an MMDiTConfig off the shapes of SD3-layout weights (prefix already stripped); the attention heads
+    are hidden / head_dim (SD3's head dim is 64), which must divide."""
     try:
         hidden, patch, _, in_channels = weights[CONV_KEY].shape  # MLX layout (O, H, W, I)
         fields = dict(
             depth=1 + max(int(k.split(".")[1]) for k in weights if k.startswith("joint_blocks.")),
             hidden_size=hidden,
-            num_heads=hidden // SD3_HEAD_DIM,
+            num_heads=hidden // head_dim,
             patch_size=patch,
             in_channels=in_channels,
             pos_embed_max_size=round(weights["pos_embed"].shape[1] ** 0.5),
@@ -77,15 +145,21 @@ def infer_sd3_config(weights: dict[str, mx.array], **overrides) -> MMDiTConfig:
         )
     except KeyError as exc:
         raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config, key {exc} is missing") from None
+    except (ValueError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config from its shapes "
+                              f"({CONV_KEY} {tuple(weights[CONV_KEY].shape)}: {exc})") from None
+    if "num_heads" not in overrides and hidden % head_dim:
+        raise CheckpointError(f"hidden size {hidden} is not a multiple of the head dim {head_dim}; cannot tell the "
+                              "number of attention heads")
+    try:
+        return MMDiTConfig(**{**fields, **overrides})
     except ValueError as exc:
-        raise CheckpointError(f"not an SD3 MMDiT checkpoint: cannot read the config from {CONV_KEY} "
-                              f"{tuple(weights[CONV_KEY].shape)} ({exc})") from None
-    return MMDiTConfig(**{**fields, **overrides})
+        raise CheckpointError(f"not an SD3 MMDiT checkpoint: its shapes make no valid config ({exc})") from None
 
 
 def load_sd3_weights(path: str | os.PathLike) -> dict[str, mx.array]:
     """SD3-layout tensors with the prefix stripped and the conv in MLX layout; other components dropped."""
-    raw = mx.load(str(path))
+    raw, _ = read_safetensors(Path(path))
     weights = {k[len(SD3_PREFIX):]: v for k, v in raw.items() if k.startswith(SD3_PREFIX)}
     if not weights:
         raise CheckpointError(f"{path}: no keys under {SD3_PREFIX!r}; not an SD3 checkpoint")
@@ -95,12 +169,19 @@ def load_sd3_weights(path: str | os.PathLike) -> dict[str, mx.array]:
 
 
 def load_sd3_checkpoint(spec: str | os.PathLike, config: MMDiTConfig | None = None,
-                        dtype: mx.Dtype | None = None, **config_overrides) -> MMDiT:
-    """Build an MMDiT from an SD3-layout checkpoint; the config is read from the shapes unless given."""
+                        dtype: mx.Dtype | None = None, head_dim: int = SD3_HEAD_DIM, **config_overrides) -> MMDiT:
+    """Build an MMDiT from an SD3-layout checkpoint; the config is read from the shapes (heads of `head_dim`)
+    unless given."""
     if config is not None and config_overrides:
         raise ValueError("pass either a config or overrides of the inferred one, not both")
-    weights = load_sd3_weights(resolve_checkpoint(spec))
-    model = MMDiT(config or infer_sd3_config(weights, **config_overrides))
+    path = resolve_checkpoint(spec)
+    weights = load_sd3_weights(path)
+    if config is None:
+        try:
+            config = infer_sd3_config(weights, head_dim, **config_overrides)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    model = MMDiT(config)
     load_into(model, weights, source=str(spec))
     if dtype is not None:
         model.set_dtype(dtype)
@@ -125,6 +206,9 @@ def load_into(module: nn.Module, weights: dict[str, mx.array], source: str) -> N
     problems += [f"missing key {k} (expected {tuple(expected[k].shape)})" for k in sorted(set(expected) - set(weights))]
     problems += [f"key {k} has shape {tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}"
                  for k in sorted(set(weights) & set(expected)) if weights[k].shape != expected[k].shape]
+    problems += [f"key {k} holds {str(weights[k].dtype).removeprefix('mlx.core.')}, expected floating-point weights"
+                 for k in sorted(set(weights) & set(expected))
+                 if mx.issubdtype(expected[k].dtype, mx.floating) and not mx.issubdtype(weights[k].dtype, mx.floating)]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"{source}: {len(problems)} key problem(s): {shown}")
@@ -160,7 +244,7 @@ def read_taq_weights(path: str | os.PathLike) -> tuple[dict[str, dict[str, mx.ar
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    arrays, header = mx.load(str(path), return_metadata=True)
+    arrays, header = read_safetensors(path)
     if header.get("taq_format") != TAQ_FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a taq weights file of format {TAQ_FORMAT_VERSION} "
                               f"(header {sorted(header)})")
@@ -168,7 +252,13 @@ def read_taq_weights(path: str | os.PathLike) -> tuple[dict[str, dict[str, mx.ar
     for key, value in arrays.items():
         name, _, rest = key.partition(".")
         modules.setdefault(name, {})[rest] = value
-    return modules, json.loads(header["taq_metadata"])
+    try:
+        metadata = json.loads(header["taq_metadata"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable taq_metadata record ({exc!r})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: its taq_metadata record is not a JSON object")
+    return modules, metadata
 
 
 def save_mmdit(path: str | os.PathLike, model: MMDiT, metadata: dict | None = None,

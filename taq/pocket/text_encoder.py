@@ -8,6 +8,7 @@ produce token embeddings (B, L, token_dim) for the MMDiT's text stream and a poo
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -82,6 +83,11 @@ class Tokenizer:
         words = split_words(prompt)[: self.max_length - 2]
         return [self.bos_id] + [self.ids.get(w, self.unk_id) for w in words] + [self.eos_id]
 
+    def knows_no_word(self, prompt: str) -> bool:
+        """A non-blank prompt none of whose words is in the vocabulary: it conditions on nothing (without any
+        word at all, e.g. CJK or emoji, its ids are exactly those of the unconditional "")."""
+        return bool(prompt.strip()) and not any(w in self.ids for w in split_words(prompt))
+
     def __call__(self, prompts: list[str]) -> np.ndarray:
         if isinstance(prompts, str):
             raise ValueError(f"expected a list of prompts, got the string {prompts!r}")
@@ -120,8 +126,17 @@ class TextEncoder(nn.Module):
         return tokens, self.pooled_projection(mean)
 
     def encode(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
-        """Prompts -> (tokens (B, max_length, dim), pooled (B, pooled_dim))."""
-        return self(mx.array(self.tokenizer(prompts)))
+        """Prompts -> (tokens (B, max_length, dim), pooled (B, pooled_dim)); warns, naming them, about prompts
+        with no known word."""
+        ids = self.tokenizer(prompts)
+        unknown = list(dict.fromkeys(p for p in prompts if self.tokenizer.knows_no_word(p)))
+        if unknown:
+            shown = ", ".join(repr(p) for p in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5
+                                                               else "")
+            warnings.warn(f"the pocket text encoder knows no word of {len(unknown)} prompt(s), which therefore "
+                          f"condition on no digit (without any word they get exactly the unconditional embedding): "
+                          f"{shown}", stacklevel=2)
+        return self(mx.array(ids))
 
 
 def pocket_text_encoder_config(**overrides) -> TextEncoderConfig:

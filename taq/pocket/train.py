@@ -270,7 +270,7 @@ def _read_log(path: Path, up_to_step: int) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> dict:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

@@ -17,7 +17,7 @@ import taq
 from taq.analysis.cells import select_layers, stats_arrays
 from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES
 from taq.analysis.measures import OUTLIER_FRACTION
-from taq.analysis.summary import LayerSummary, summarize
+from taq.analysis.summary import ZEROS_NOTE, LayerSummary, summarize
 from taq.formats import atomic_path
 from taq.formats.stats import load_stats
 from taq.report.plots import WrittenFigure, prepare_output_dir, write_figures
@@ -29,6 +29,7 @@ FIGURE_GROUPS = (  # (heading, file name prefix)
     ("Activation range vs timestep", "range_vs_timestep"),
     ("Drift heatmaps (layer × timestep)", "heatmap_"),
     ("Fraction of negative activations", "negative_fraction"),
+    ("Fraction of exact zeros", "zero_fraction"),
     ("Histograms per timestep", "histogram_"),
     ("Per-channel ranges and outlier channels", "channel_ranges_"),
 )
@@ -53,7 +54,9 @@ figcaption { color: #4a5367; font-size: 0.9rem; margin-top: 0.3rem; }
 .outcome { font-weight: 700; padding: 0.05rem 0.45rem; border-radius: 0.3rem; }
 .outcome-holds { background: #d8f3df; color: #14612b; } .outcome-not { background: #e3e9f6; color: #2f4370; }
 .outcome-unexpected { background: #fbdada; color: #8f1717; } .outcome-other { background: #e6e8ee; color: #39425a; }
+.warning { background: #fff1cc; border-left: 4px solid #d99a00; padding: 0.6rem 0.9rem; }
 """
+
 
 
 # --------------------------------------------------------------------------- small renderers
@@ -130,6 +133,7 @@ def summary_section(rows: Sequence[LayerSummary], outlier_fraction: float) -> st
     return (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             '<p class="footnotes">Per layer, over all timesteps and channels (finite values only; n/a: no data). '
             'Also as <a href="summary.md">summary.md</a> and <a href="summary.csv">summary.csv</a>.</p>'
+            f'<p>Exact zeros are counted apart from negative values (zero frac., neg. frac.): {_e(ZEROS_NOTE)}.</p>'
             f'<ul class="footnotes">{notes}</ul>')
 
 
@@ -216,6 +220,11 @@ def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure]
         ("metadata", "Run metadata", metadata_section(stats_meta, calibration_meta)),
     ]
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title, _ in sections)
+    weights = (stats_meta or {}).get("weights_id") or (calibration_meta or {}).get("weights_id")
+    random = any((meta or {}).get("random_weights") for meta in (stats_meta, calibration_meta))
+    warning = (f'<p class="warning"><b>Random weights</b> ({_e(weights)}): these statistics come from seeded random '
+               "weights, not a trained model; they test the pipeline and describe no real model.</p>"
+               if random else "")
     body = "\n".join(f'<section id="{key}"><h2>{_e(title)}</h2>\n{content}</section>'
                      for key, title, content in sections)
     return f"""<!DOCTYPE html>
@@ -225,7 +234,7 @@ def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure]
 <body><main>
 <h1>Post-GELU activation characterization</h1>
 <p class="subtitle">{_e(model)} · {len(rows)} FFN layers · generated {_e(created)} by taq {_e(taq.__version__)}</p>
-<nav>{nav}</nav>
+{warning}<nav>{nav}</nav>
 {body}
 </main></body></html>
 """

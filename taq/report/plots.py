@@ -25,16 +25,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from taq.analysis.cells import (cell_max, cell_min, cell_moments, cell_negative_fraction, cell_quantile,
+from taq.analysis.cells import (cell_fraction, cell_max, cell_min, cell_moments, cell_quantile,
                                 channel_ranges, display_order, layer_block, layer_names, layer_stream, nan_max,
                                 nan_min, select_layers, stats_arrays)
 from taq.analysis.measures import OUTLIER_FRACTION, RANGE_QUANTILES, outlier_channels, outlier_ratio
-from taq.analysis.summary import summarize
-from taq.formats import atomic_path
+from taq.analysis.summary import ZEROS_NOTE, summarize
+from taq.formats import atomic_path, check_outputs_in_spare
 from taq.formats.stats import load_stats
 from taq.report.tables import format_console, write_summary
 
 DPI = 120
+OUTPUT_PATTERNS = ("summary.md", "summary.csv", "*.png")  # what `taq plot` writes into its directory
 GELU_MINIMUM = -0.170  # both GELU forms bottom out here (exact -0.169971, tanh -0.170041)
 LOW_Q, HIGH_Q = RANGE_QUANTILES
 TIME_LABEL = "timestep t = 1000·σ   (denoising order: 1000 → 0)"
@@ -170,24 +171,17 @@ def range_vs_timestep_figure(stats, layers: Sequence[str] | None = None, stream:
         _add_notes(fig, _missing_notes(arrays, rows) if rows else [])
         return fig
 
-    lo_edge, hi_edge = (float(v) for v in np.asarray(arrays["hist_range"]))
     highest, lowest = cell_max(arrays), cell_min(arrays)
     p_high, p_low = cell_quantile(arrays, HIGH_Q), cell_quantile(arrays, LOW_Q)
     colors, norms = _layer_colors(names, rows)
-    clipped = 0
     for i in rows:
         color = colors[i]
         top.plot(timesteps, highest[i], color=color, lw=1.3, marker="o", ms=2.5)
         bottom.plot(timesteps, lowest[i], color=color, lw=1.3, marker="o", ms=2.5)
-        for ax, q, beyond, edge in ((top, p_high[i], np.isposinf(p_high[i]), hi_edge),
-                                    (bottom, p_low[i], np.isneginf(p_low[i]), lo_edge)):
-            ax.plot(timesteps, np.where(beyond, edge, q), color=color, lw=0.9, ls="--")
-            if beyond.any():
-                clipped += int(beyond.sum())
-                ax.plot(timesteps[beyond], np.full(beyond.sum(), edge), ls="none", marker="^" if edge > 0 else "v",
-                        color=color, ms=5)
+        top.plot(timesteps, p_high[i], color=color, lw=0.9, ls="--")
+        bottom.plot(timesteps, p_low[i], color=color, lw=0.9, ls="--")
     bottom.axhline(GELU_MINIMUM, color="black", lw=0.8, ls=":")
-    low_values = np.concatenate([lowest[rows].ravel(), np.clip(p_low[rows], lo_edge, None).ravel()])
+    low_values = np.concatenate([lowest[rows].ravel(), p_low[rows].ravel()])
     low_values = low_values[np.isfinite(low_values)]
     if low_values.size:  # keep the GELU floor in view with a readable span, not a 1e-5 sliver
         bottom.set_ylim(min(low_values.min(), GELU_MINIMUM - 0.02), max(low_values.max(), GELU_MINIMUM + 0.03))
@@ -206,11 +200,7 @@ def range_vs_timestep_figure(stats, layers: Sequence[str] | None = None, stream:
                   loc="upper left", fontsize=8)
     _timestep_axis(bottom, timesteps)
     _depth_colorbars(fig, [top, bottom], norms)
-    notes = _missing_notes(arrays, rows)
-    if clipped:
-        notes.append(f"{clipped} percentile{'s lie' if clipped > 1 else ' lies'} outside the histogram range "
-                     f"[{lo_edge:g}, {hi_edge:g}]: drawn at its edge (triangles)")
-    _add_notes(fig, notes)
+    _add_notes(fig, _missing_notes(arrays, rows))
     return fig
 
 
@@ -218,8 +208,8 @@ def range_vs_timestep_figure(stats, layers: Sequence[str] | None = None, stream:
 
 
 def histogram_figure(stats, layer: str) -> Figure:
-    """Histogram of one layer's activations at every timestep (log count), full range and zoomed on the GELU
-    minimum; values outside the histogram range are counted in a note, not drawn."""
+    """Histogram of one layer's activations at every timestep: counts per bin on an asinh axis (the bins are
+    uniform in asinh, so each gets the same width), and the density near 0 zoomed on GELU's minimum."""
     arrays = stats_arrays(stats)
     (i,) = select_layers(arrays, [layer])
     timesteps = np.asarray(arrays["timesteps"], dtype=np.float64)
@@ -235,35 +225,38 @@ def histogram_figure(stats, layer: str) -> Figure:
         _add_notes(fig, _missing_notes(arrays, [i]))
         return fig
 
+    lowest, highest = float(nan_min(arrays["min"][i])), float(nan_max(arrays["max"][i]))
+    drawn = np.clip(edges, lowest, highest)  # the end bins reach float32's max; the values stop at min and max
+    scale = float(np.asarray(arrays["hist_scale"]))
     cmap = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)))  # no pale yellow end
     norm = Normalize(float(timesteps.min()), float(max(timesteps.max(), timesteps.min() + 1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        density = hist / np.diff(edges)  # (T, bins) per unit of activation
     for j in present[np.argsort(-timesteps[present])]:  # denoising order in the legend
-        counts = np.where(hist[j] > 0, hist[j], np.nan)  # empty bins as gaps: log scale has no 0
-        for ax in (full, zoom):
-            ax.stairs(counts, edges, baseline=None, color=cmap(norm(timesteps[j])), lw=1.1,
-                      label=f"t = {timesteps[j]:.4g}")
-    nonzero = np.flatnonzero(hist[present].sum(axis=0) > 0)
-    width = edges[1] - edges[0]
-    full.set_xlim(edges[nonzero[0]] - 2 * width, edges[nonzero[-1] + 1] + 2 * width)
+        color, label = cmap(norm(timesteps[j])), f"t = {timesteps[j]:.4g}"
+        full.stairs(np.where(hist[j] > 0, hist[j], np.nan), drawn, baseline=None, color=color, lw=1.1, label=label)
+        zoom.stairs(np.where(hist[j] > 0, density[j], np.nan), drawn, baseline=None, color=color, lw=1.1)
+    full.set_xscale("asinh", linear_width=scale)
+    full.set_xlim(lowest, highest)
     zoom.set_xlim(-0.45, 0.45)
     for ax in (full, zoom):
         ax.set_yscale("log")
         ax.axvline(GELU_MINIMUM, color="black", ls=":", lw=1)
         ax.grid(alpha=0.3)
-        ax.set_xlabel("activation value")
+    full.set_xlabel(f"activation value (asinh scale, linear within +-{scale:g})")
+    zoom.set_xlabel("activation value")
     zoom.set_title(f"zoom near 0 (dotted: GELU minimum {GELU_MINIMUM})", fontsize=10)
-    full.set_ylabel(f"count per bin (bin width {width:.3g}), log scale")
+    full.set_ylabel(f"count per bin ({edges.size - 1} bins uniform in asinh), log scale")
+    zoom.set_ylabel("count per unit of activation, log scale")
     if present.size <= 8:
         full.legend(title="timestep", fontsize=8, ncols=1 if present.size <= 4 else 2)
     else:
         bar = fig.colorbar(ScalarMappable(norm, cmap), ax=[full, zoom], pad=0.01, aspect=30)
         bar.set_label("timestep t = 1000·σ")
     notes = _missing_notes(arrays, [i])
-    under, over = int(np.asarray(arrays["underflow"])[i].sum()), int(np.asarray(arrays["overflow"])[i].sum())
-    outside = [f"{n} values {side} it (extreme {v:.4g})" for n, side, v in (
-        (under, "below", float(nan_min(arrays["min"][i]))), (over, "above", float(nan_max(arrays["max"][i])))) if n]
-    if outside:
-        notes.append(f"histogram range [{edges[0]:g}, {edges[-1]:g}]: {' and '.join(outside)} not drawn")
+    beyond = int(hist[:, [0, -1]].sum())
+    if beyond:
+        notes.append(f"{beyond} values beyond +-{edges[-2]:g} lie in the coarse end bins (drawn up to min/max)")
     _add_notes(fig, notes)
     return fig
 
@@ -382,12 +375,19 @@ def heatmap_figure(stats, statistic: str, layers: Sequence[str] | None = None) -
                     "(all channels pooled)", f"{statistic} of activation values", cmap, ".3g")
 
 
-def negative_fraction_figure(stats, layers: Sequence[str] | None = None) -> Figure:
-    """Layer x timestep heatmap of the fraction of activation values below 0."""
+FRACTIONS = {"negative": ("< 0", "cividis"), "zero": ("exactly 0", "YlGn")}
+
+
+def fraction_figure(stats, counter: str, layers: Sequence[str] | None = None) -> Figure:
+    """Layer x timestep heatmap of the fraction of activation values below 0 (`counter` "negative") or exactly 0
+    ("zero", see `ZEROS_NOTE`)."""
+    if counter not in FRACTIONS:
+        raise ValueError(f"counter must be one of {sorted(FRACTIONS)}, got {counter!r}")
     arrays = stats_arrays(stats)
-    return _heatmap(arrays, cell_negative_fraction(arrays), layers,
-                    "Fraction of post-GELU activations < 0 per layer and timestep", "fraction of values < 0",
-                    "cividis", ".2f")
+    what, cmap = FRACTIONS[counter]
+    return _heatmap(arrays, cell_fraction(arrays, counter), layers,
+                    f"Fraction of post-GELU activations {what} per layer and timestep", f"fraction of values {what}",
+                    cmap, ".2f")
 
 
 # --------------------------------------------------------------------------- writers
@@ -432,8 +432,10 @@ def write_figures(stats, output_dir: str | Path, layers: Sequence[str] | None = 
     jobs += [
         ("heatmap_mean.png", lambda: heatmap_figure(arrays, "mean", selected), "Mean per layer and timestep."),
         ("heatmap_std.png", lambda: heatmap_figure(arrays, "std", selected), "Std per layer and timestep."),
-        ("negative_fraction_heatmap.png", lambda: negative_fraction_figure(arrays, selected),
-         "Fraction of values < 0 per layer and timestep."),
+        ("negative_fraction_heatmap.png", lambda: fraction_figure(arrays, "negative", selected),
+         "Fraction of values < 0 per layer and timestep (exact zeros not included)."),
+        ("zero_fraction_heatmap.png", lambda: fraction_figure(arrays, "zero", selected),
+         f"Fraction of values exactly 0 per layer and timestep: {ZEROS_NOTE}."),
     ]
     return [WrittenFigure(save_figure(make(), output_dir / filename), caption) for filename, make, caption in jobs]
 
@@ -464,6 +466,7 @@ def prepare_output_dir(path: str | Path) -> Path:
 def run_cli(args: argparse.Namespace) -> None:
     if not 0 < args.outlier_fraction <= 1:
         raise ValueError(f"--outlier-fraction must lie in (0, 1], got {args.outlier_fraction}")
+    check_outputs_in_spare(args.output_dir, OUTPUT_PATTERNS, {"--stats-file": args.stats_file})
     stats = load_stats(args.stats_file)
     select_layers(stats_arrays(stats), args.layers)  # before creating the directory
     output_dir = prepare_output_dir(args.output_dir)

@@ -19,7 +19,7 @@ from taq.formats import atomic_path
 
 
 COLUMNS = [f.name for f in fields(LayerSummary)]
-HEADERS = ["layer", "min", "max", "mean", "std", "neg. frac.", "asymmetry", "outlier ratio",
+HEADERS = ["layer", "min", "max", "mean", "std", "neg. frac.", "zero frac.", "asymmetry", "outlier ratio",
            "temporal ratio"]
 
 

@@ -1,6 +1,6 @@
 """Phase 1 sampling: SD3's flow schedule, the CFG Euler sampler, and calibration step selection."""
 
-from taq.sampling.euler import CFGDenoiser, Step, euler_steps, euler_update, sample
+from taq.sampling.euler import CFGDenoiser, Step, check_guidance_scale, euler_steps, euler_update, sample
 from taq.sampling.schedule import (
     NUM_TRAIN_TIMESTEPS,
     SD3_SHIFT,
@@ -19,6 +19,7 @@ __all__ = [
     "RULES",
     "SD3_SHIFT",
     "Step",
+    "check_guidance_scale",
     "euler_steps",
     "euler_update",
     "flow_sigmas",

@@ -6,6 +6,7 @@ to the host: the caller decides when to `mx.eval`. Both the denoiser `(x, sigma)
 and `euler_update` take only arrays, so either can be wrapped with `mx.compile`.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Generator, Optional, Sequence, Tuple
 
@@ -18,6 +19,14 @@ from taq.sampling.schedule import sigma_to_timestep
 Model = Callable[[mx.array, mx.array, mx.array, mx.array], mx.array]
 TextConditioning = Tuple[mx.array, mx.array]  # tokens (B, L, token_dim), pooled (B, pooled_dim)
 Denoiser = Callable[[mx.array, mx.array], mx.array]
+
+
+def check_guidance_scale(scale: float) -> float:
+    """A CFG scale is a finite number >= 0 (0: unconditional, 1: conditional only); a negative one would push
+    every sample away from its prompt."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"the guidance scale (cfg_scale) must be a finite number >= 0, got {scale!r}")
+    return float(scale)
 
 
 class CFGDenoiser:
@@ -37,6 +46,7 @@ class CFGDenoiser:
         uncond: Optional[TextConditioning] = None,
         scale: float = 1.0,
     ):
+        check_guidance_scale(scale)
         tokens, pooled = cond
         _check_conditioning("cond", tokens, pooled, tokens.shape[0])
         self.model = model

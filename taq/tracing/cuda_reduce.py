@@ -7,7 +7,8 @@ block writes its partial moments and histogram, and a second small kernel merges
 double) and sums the histograms. Measured timings: docs/benchmarks/README.md.
 
 It returns the same `BatchReduction` as `reduce_batch` (scale 1, zero residual sums) and the same histogram bit
-for bit: bins are guessed arithmetically and corrected against the float32 edges, as numpy does. The shifted
+for bit: bins are guessed from asinh, as `histogram.histogram_slots` does, and corrected against the float32
+edges. The warps share COPIES shared-memory histograms, as many as fit in 48 KiB beside the edges. The shifted
 float32 sums assume finite |x| below ~1e18 (a squared deviation must fit in float32); the portable reduction has
 no such limit.
 """
@@ -20,38 +21,39 @@ from typing import Callable
 import mlx.core as mx
 
 from taq.cuda import HEADER
-from taq.tracing.stats import MAX_BATCH_ELEMENTS, BatchReduction, HistogramSpec, reduce_batch
+from taq.tracing.histogram import HistogramSpec
+from taq.tracing.stats import MAX_BATCH_ELEMENTS, SIGNS, BatchReduction, reduce_batch
 
 THREADS = 256  # channels per block
 TARGET_BLOCKS = 1024  # enough blocks to fill an H100's 132 SMs several times over
 MIN_ROWS_PER_CHUNK = 64  # fewer rows per block would make writing its histogram dominate
 UNROLL = 8  # rows loaded before they are processed: several loads in flight per thread
+SHARED_BYTES = 48 * 1024  # static shared memory of a block
 
 KERNEL = r"""
-    constexpr int SLOTS = BINS + 3;  // histogram, underflow, overflow, non-finite
-    constexpr int WARPS = THREADS / 32;
-    __shared__ int hist[WARPS][SLOTS];  // one copy per warp: fewer colliding shared atomics
+    constexpr int SLOTS = BINS + 1;  // histogram, non-finite
+    constexpr int HALF = BINS / 2;
+    __shared__ int hist[COPIES][SLOTS];  // warps share the copies round robin: fewer colliding shared atomics
     __shared__ float sedges[BINS + 1];
-    __shared__ int sign_counts[3];
+    __shared__ int sign_counts[4];
     const int M = x_shape[0];
     const int C = x_shape[1];
     const int tid = threadIdx.x;
     const int lane = tid & 31;
-    for (int i = tid; i < WARPS * SLOTS; i += THREADS) (&hist[0][0])[i] = 0;
+    for (int i = tid; i < COPIES * SLOTS; i += THREADS) (&hist[0][0])[i] = 0;
     for (int i = tid; i <= BINS; i += THREADS) sedges[i] = edges[i];
-    if (tid < 3) sign_counts[tid] = 0;
+    if (tid < 4) sign_counts[tid] = 0;
     __syncthreads();
 
-    int* my_hist = hist[tid >> 5];
-    const float lo = sedges[0];
-    const float hi = sedges[BINS];
-    const float per_unit = BINS / (hi - lo);  // only guesses the bin: it is corrected against the edges
+    int* my_hist = hist[(tid >> 5) % COPIES];
+    const float inv_scale = binning[0];
+    const float per_unit = binning[1];  // bins per unit of asinh(v / scale): only guesses the bin
     const float inf = __int_as_float(0x7f800000);
     const int c = blockIdx.x * THREADS + tid;
     const int rows = (M + gridDim.y - 1) / gridDim.y;
     const int r0 = blockIdx.y * rows;
     const int r1 = min(M, r0 + rows);
-    int n = 0, negative = 0, posinf = 0, neginf = 0;
+    int n = 0, negative = 0, posinf = 0, neginf = 0, zero = 0;
     float shift = 0.f, s1 = 0.f, s2 = 0.f, vmin = inf, vmax = -inf;
     auto process = [&](float v) {
         int slot;
@@ -64,14 +66,13 @@ KERNEL = r"""
             vmin = fminf(vmin, v);
             vmax = fmaxf(vmax, v);
             negative += v < 0.f;
-            if (v >= lo && v <= hi) {
-                const int g = min(static_cast<int>((v - lo) * per_unit), BINS - 1);
-                slot = v < sedges[g] ? g - 1 : ((v >= sedges[g + 1] && g != BINS - 1) ? g + 1 : g);
-            } else {
-                slot = v < lo ? BINS : BINS + 1;
-            }
+            zero += v == 0.f;
+            // Clipped as a float: v * inv_scale may overflow to inf, which no int conversion survives.
+            const float steps = fminf(fmaxf(floorf(asinhf(v * inv_scale) * per_unit), -HALF), HALF - 1);
+            const int g = static_cast<int>(steps) + HALF;
+            slot = v < sedges[g] ? g - 1 : ((v >= sedges[g + 1] && g != BINS - 1) ? g + 1 : g);
         } else {
-            slot = BINS + 2;
+            slot = BINS;
             posinf += v > 0.f;  // NaN compares false both ways
             neginf += v < 0.f;
             negative += v < 0.f;
@@ -98,26 +99,28 @@ KERNEL = r"""
     negative = __reduce_add_sync(0xffffffff, negative);
     posinf = __reduce_add_sync(0xffffffff, posinf);
     neginf = __reduce_add_sync(0xffffffff, neginf);
+    zero = __reduce_add_sync(0xffffffff, zero);
     if (lane == 0) {
         if (negative) atomicAdd(&sign_counts[0], negative);
         if (posinf) atomicAdd(&sign_counts[1], posinf);
         if (neginf) atomicAdd(&sign_counts[2], neginf);
+        if (zero) atomicAdd(&sign_counts[3], zero);
     }
     __syncthreads();
     const size_t block = static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
     for (int i = tid; i < SLOTS; i += THREADS) {
         int total = 0;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) total += hist[w][i];
+        for (int w = 0; w < COPIES; ++w) total += hist[w][i];
         block_slots[block * SLOTS + i] = total;
     }
-    if (tid < 3) block_signs[block * 3 + tid] = sign_counts[tid];
+    if (tid < 4) block_signs[block * 4 + tid] = sign_counts[tid];
 """
 
 MERGE = r"""
     // Thread c < C merges channel c over the row chunks (Chan et al., in double); thread i < SLOTS sums slot i
-    // over the blocks, thread i < 3 sign counter i.
-    constexpr int SLOTS = BINS + 3;
+    // over the blocks, thread i < 4 sign counter i.
+    constexpr int SLOTS = BINS + 1;
     const int chunks = part_count_shape[0];
     const int C = part_count_shape[1];
     const int blocks = block_slots_shape[0];
@@ -149,9 +152,9 @@ MERGE = r"""
         for (int b = 0; b < blocks; ++b) total += block_slots[static_cast<size_t>(b) * SLOTS + i];
         slots[i] = total;
     }
-    if (i < 3) {
+    if (i < 4) {
         int total = 0;
-        for (int b = 0; b < blocks; ++b) total += block_signs[b * 3 + i];
+        for (int b = 0; b < blocks; ++b) total += block_signs[b * 4 + i];
         signs[i] = total;
     }
 """
@@ -162,7 +165,7 @@ OUTPUTS = ("count", "mean", "m2", "minimum", "maximum", "slots", "signs")
 
 @lru_cache(maxsize=None)
 def _kernels():
-    one_pass = mx.fast.cuda_kernel(name="taq_reduce_batch", input_names=["x", "edges"],
+    one_pass = mx.fast.cuda_kernel(name="taq_reduce_batch", input_names=["x", "edges", "binning"],
                                    output_names=list(PARTIALS), source=KERNEL, header=HEADER)
     merge = mx.fast.cuda_kernel(name="taq_merge_partials", input_names=list(PARTIALS), output_names=list(OUTPUTS),
                                 source=MERGE)
@@ -170,9 +173,16 @@ def _kernels():
 
 
 @lru_cache(maxsize=None)
-def _edges(spec: HistogramSpec) -> mx.array:
-    """The bin edges on the device, once per spec rather than once per layer and forward."""
-    return mx.array(spec.bin_edges)
+def _binning(spec: HistogramSpec) -> tuple[mx.array, mx.array]:
+    """The bin edges and (1 / scale, bins per unit of asinh) on the device, once per spec."""
+    return mx.array(spec.bin_edges), mx.array([1 / spec.scale, spec.bins_per_unit], dtype=mx.float32)
+
+
+def histogram_copies(bins: int) -> int:
+    """Shared-memory histograms per block: one per warp, fewer when they would not fit beside the edges; 0 when
+    not even one fits (more than 6,142 bins: `tracer.device_reducer` then uses the portable reduction)."""
+    fits = (SHARED_BYTES - 4 * (bins + 1) - 16) // (4 * (bins + 1))
+    return max(0, min(THREADS // 32, fits))
 
 
 def chunks_for(rows: int, channels: int) -> int:
@@ -185,6 +195,8 @@ def cuda_reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
     """reduce_batch(x, spec) in one pass on a CUDA GPU (lazy, like reduce_batch)."""
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"activations need a non-empty channel axis, got shape {x.shape}")
+    if histogram_copies(spec.bins) == 0:
+        raise ValueError(f"{spec.bins} bins do not fit the kernel's shared memory; use reduce_batch")
     if x.size > MAX_BATCH_ELEMENTS:
         raise ValueError(f"a batch of {x.size} values exceeds {MAX_BATCH_ELEMENTS}; reduce it in smaller batches")
     channels = x.shape[-1]
@@ -194,16 +206,17 @@ def cuda_reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
         return reduce_batch(x, spec)  # the empty reduction
     chunks = chunks_for(rows, channels)
     tiles = -(-channels // THREADS)
-    slots = spec.bins + 3
+    slots = spec.bins + 1
     one_pass, merge = _kernels()
     partials = one_pass(
-        inputs=[x, _edges(spec)], template=[("BINS", spec.bins), ("THREADS", THREADS), ("UNROLL", UNROLL)],
+        inputs=[x, *_binning(spec)], template=[("BINS", spec.bins), ("THREADS", THREADS), ("UNROLL", UNROLL),
+                                               ("COPIES", histogram_copies(spec.bins))],
         grid=(tiles * THREADS, chunks, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(chunks, channels)] * 5 + [(chunks * tiles, slots), (chunks * tiles, 3)],
+        output_shapes=[(chunks, channels)] * 5 + [(chunks * tiles, slots), (chunks * tiles, SIGNS)],
         output_dtypes=[mx.int32] + [mx.float32] * 4 + [mx.int32, mx.int32])
     count, mean, m2, minimum, maximum, slot_counts, signs = merge(
         inputs=partials, template=[("BINS", spec.bins)], grid=(max(channels, slots), 1, 1),
-        threadgroup=(THREADS, 1, 1), output_shapes=[(channels,)] * 5 + [(slots,), (3,)],
+        threadgroup=(THREADS, 1, 1), output_shapes=[(channels,)] * 5 + [(slots,), (SIGNS,)],
         output_dtypes=[mx.int32] + [mx.float32] * 4 + [mx.int32, mx.int32])
     zeros = mx.zeros((channels,), dtype=mx.float32)
     return BatchReduction(count=count, scale=mx.ones((channels,), dtype=mx.float32), scaled_mean=mean,

@@ -5,9 +5,12 @@ device. They are merged into running totals in float64 with Chan et al.'s parall
 degrade with the number of batches. Reductions of many layers can be evaluated with one `mx.eval`
 (`BatchReduction.arrays()`), then turned into `CellStats` and merged.
 
+Bins: `taq.tracing.histogram` (fixed edges that hold every finite float32, so cells always merge bin for bin).
 Non-finite values (NaN, +Inf, -Inf) are counted in their own counters and excluded from everything else: the
-per-channel count, mean, M2, min and max, the histogram, underflow/overflow and the negative count. A channel with
-no finite value has count 0 and reports NaN for mean, std, min and max.
+per-channel count, mean, M2, min and max, the histogram and the negative and zero counts. A channel with no
+finite value has count 0 and reports NaN for mean, std, min and max. Exact zeros (+0.0 and -0.0) have their own
+counter: GELU rounds its far negative side to -0.0 (in float32 below about -5.2, in bfloat16 below about -3.1), so
+"< 0" alone undercounts the values exact arithmetic would call negative.
 """
 
 from __future__ import annotations
@@ -19,52 +22,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from taq.tracing.histogram import HistogramSpec, histogram_slots
+
 MAX_BATCH_ELEMENTS = 2**31 - 1  # device-side counts are int32
-CELL_COUNTERS = ("underflow", "overflow", "negative", "nan", "posinf", "neginf")
-
-
-# --------------------------------------------------------------------------- histogram layout
-
-
-@dataclass(frozen=True)
-class HistogramSpec:
-    """Equal-width bins over [lo, hi]; the last bin includes hi, as numpy.histogram's."""
-
-    bins: int = 512
-    lo: float = -8.0
-    hi: float = 8.0
-
-    def __post_init__(self):
-        if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) or self.bins < 1:
-            raise ValueError(f"HistogramSpec.bins must be a positive integer, got {self.bins!r}")
-        if not (np.isfinite(self.lo) and np.isfinite(self.hi) and self.lo < self.hi):
-            raise ValueError(f"HistogramSpec needs finite lo < hi, got lo={self.lo!r}, hi={self.hi!r}")
-        for name, cast in (("bins", int), ("lo", float), ("hi", float)):  # Python scalars, as numpy's range
-            object.__setattr__(self, name, cast(getattr(self, name)))
-        if np.any(np.diff(self.bin_edges) <= 0):
-            raise ValueError(f"{self.bins} bins over [{self.lo}, {self.hi}] are too narrow for float32 edges")
-
-    @property
-    def bin_edges(self) -> np.ndarray:
-        """(bins + 1,) float32: the edges numpy.histogram uses for float32 data and Python-float range."""
-        return np.linspace(self.lo, self.hi, self.bins + 1, dtype=np.float32)
-
-
-def histogram_slots(x: mx.array, spec: HistogramSpec) -> mx.array:
-    """Bin index per element of float32 x: 0..bins-1, or bins (underflow), bins+1 (overflow), bins+2 (non-finite).
-
-    As numpy does: guess the bin arithmetically, then move it by one against the float32 edges, so values on an
-    edge land exactly where numpy.histogram puts them whatever rounding the device's division has.
-    """
-    bins = spec.bins
-    edges = mx.array(spec.bin_edges)
-    in_range = (x >= spec.lo) & (x <= spec.hi)  # Python floats compare as float32, as in numpy
-    xr = mx.where(in_range, x, spec.lo)  # keeps the guesses of the other elements harmless
-    guess = mx.minimum(((xr - spec.lo) / (spec.hi - spec.lo) * bins).astype(mx.int32), bins - 1)
-    below, above = xr < edges[guess], (xr >= edges[guess + 1]) & (guess != bins - 1)  # the last bin holds hi
-    index = mx.where(below, guess - 1, mx.where(above, guess + 1, guess))
-    out_of_range = mx.where(mx.isfinite(x), mx.where(x < spec.lo, bins, bins + 1), bins + 2)
-    return mx.where(in_range, index, out_of_range)
+CELL_COUNTERS = ("negative", "zero", "nan", "posinf", "neginf")
 
 
 # --------------------------------------------------------------------------- device side
@@ -88,8 +49,8 @@ class BatchReduction:
     residual_sq_sum: mx.array  # (C,) float32
     min: mx.array  # (C,) float32, +inf where count is 0
     max: mx.array  # (C,) float32, -inf where count is 0
-    slots: mx.array  # (bins + 3,) int32: histogram, underflow, overflow, non-finite
-    signs: mx.array  # (3,) int32: values < 0 (-inf included), +inf, -inf
+    slots: mx.array  # (bins + 1,) int32: histogram, then non-finite values
+    signs: mx.array  # (4,) int32: values < 0 (-inf included), +inf, -inf, values == 0
 
     def arrays(self) -> list[mx.array]:
         """Everything to pass to `mx.eval` (together with other reductions) before `CellStats.from_reduction`."""
@@ -97,6 +58,7 @@ class BatchReduction:
                 self.min, self.max, self.slots, self.signs]
 
 
+SIGNS = 4  # entries of BatchReduction.signs
 FLOAT_FIELDS = ("scale", "scaled_mean", "residual_sum", "residual_sq_sum", "min", "max")
 INT_FIELDS = ("count", "slots", "signs")
 
@@ -115,7 +77,7 @@ def unpack_reductions(floats: np.ndarray, ints: np.ndarray, sizes: list[tuple[in
         values = {}
         for name in FLOAT_FIELDS:
             values[name], f = floats[f:f + channels], f + channels
-        for name, size in zip(INT_FIELDS, (channels, slots, 3)):
+        for name, size in zip(INT_FIELDS, (channels, slots, SIGNS)):
             values[name], i = ints[i:i + size], i + size
         out.append(BatchReduction(**values))
     return out
@@ -145,10 +107,10 @@ def reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
     scaled_mean = scaled.sum(axis=0) / mx.maximum(count, 1)
     residual = mx.where(finite, scaled - scaled_mean, 0.0)
     copies = min(HISTOGRAM_COPIES, channels)
-    offsets = (mx.arange(channels, dtype=mx.int32) % copies) * (spec.bins + 3)  # (C,)
-    slot_index = (histogram_slots(x, spec) + offsets).reshape(-1)
-    slots = mx.zeros((copies * (spec.bins + 3),), dtype=mx.int32).at[slot_index].add(1)
-    signs = mx.stack([(x < 0).sum(), (x == mx.inf).sum(), (x == -mx.inf).sum()])
+    offsets = (mx.arange(channels, dtype=mx.int32) % copies) * (spec.bins + 1)  # (C,)
+    slot_index = (histogram_slots(x, spec, _device_edges(spec)) + offsets).reshape(-1)
+    slots = mx.zeros((copies * (spec.bins + 1),), dtype=mx.int32).at[slot_index].add(1)
+    signs = mx.stack([(x < 0).sum(), (x == mx.inf).sum(), (x == -mx.inf).sum(), (x == 0).sum()])
     return BatchReduction(
         count=count, scale=scale, scaled_mean=scaled_mean,
         residual_sum=residual.sum(axis=0), residual_sq_sum=mx.square(residual).sum(axis=0),
@@ -169,8 +131,14 @@ def _empty_reduction(channels: int, spec: HistogramSpec) -> BatchReduction:
     return BatchReduction(
         count=mx.zeros((channels,), dtype=mx.int32), scale=mx.ones((channels,)), scaled_mean=zeros,
         residual_sum=zeros, residual_sq_sum=zeros, min=mx.full((channels,), mx.inf), max=mx.full((channels,), -mx.inf),
-        slots=mx.zeros((spec.bins + 3,), dtype=mx.int32), signs=mx.zeros((3,), dtype=mx.int32),
+        slots=mx.zeros((spec.bins + 1,), dtype=mx.int32), signs=mx.zeros((SIGNS,), dtype=mx.int32),
     )
+
+
+@lru_cache(maxsize=None)
+def _device_edges(spec: HistogramSpec) -> mx.array:
+    """The bin edges on the device, once per spec rather than once per layer and forward."""
+    return mx.array(spec.bin_edges)
 
 
 # --------------------------------------------------------------------------- host side: one cell
@@ -195,9 +163,8 @@ class CellStats:
     min: np.ndarray  # (C,) float64
     max: np.ndarray  # (C,) float64
     hist: np.ndarray  # (bins,) int64
-    underflow: int = 0  # finite values < lo
-    overflow: int = 0  # finite values > hi
     negative: int = 0  # finite values < 0
+    zero: int = 0  # finite values == 0 (-0.0 included)
     nan: int = 0
     posinf: int = 0
     neginf: int = 0
@@ -217,12 +184,11 @@ class CellStats:
         mean = (_np64(r.scaled_mean) + residual_sum / n) * scale
         m2 = np.maximum(_np64(r.residual_sq_sum) - residual_sum**2 / n, 0.0) * scale**2
         slots = np.array(r.slots).astype(np.int64)
-        below_zero, posinf, neginf = (int(v) for v in np.array(r.signs))
-        nan = int(slots[spec.bins + 2]) - posinf - neginf
+        below_zero, posinf, neginf, zero = (int(v) for v in np.array(r.signs))
+        nan = int(slots[spec.bins]) - posinf - neginf
         return cls(spec=spec, count=count, mean=np.where(count > 0, mean, 0.0), m2=np.where(count > 0, m2, 0.0),
-                   min=_np64(r.min), max=_np64(r.max), hist=slots[: spec.bins],
-                   underflow=int(slots[spec.bins]), overflow=int(slots[spec.bins + 1]),
-                   negative=below_zero - neginf, nan=nan, posinf=posinf, neginf=neginf)
+                   min=_np64(r.min), max=_np64(r.max), hist=slots[: spec.bins], negative=below_zero - neginf,
+                   zero=zero, nan=nan, posinf=posinf, neginf=neginf)
 
     @classmethod
     def from_activations(cls, x: mx.array, spec: HistogramSpec = HistogramSpec()) -> "CellStats":
@@ -251,6 +217,12 @@ class CellStats:
         total = self.finite_count
         return self.negative / total if total else float("nan")
 
+    @property
+    def zero_fraction(self) -> float:
+        """Fraction of the finite values that are exactly 0; NaN when there are none."""
+        total = self.finite_count
+        return self.zero / total if total else float("nan")
+
     def merge(self, other: "CellStats") -> "CellStats":
         """Statistics of the union of two disjoint sample sets (Chan et al.'s parallel update, float64)."""
         if other.spec != self.spec:
@@ -272,7 +244,7 @@ class CellStats:
 # --------------------------------------------------------------------------- host side: all cells
 
 PER_CHANNEL_STATS = ("mean", "m2", "min", "max")
-DERIVED_KEYS = ("std", "negative_fraction", "bin_edges")  # written by to_arrays, recomputed by from_arrays
+DERIVED_KEYS = ("std", "negative_fraction", "zero_fraction", "bin_edges")  # written by to_arrays, recomputed by from_arrays
 
 
 def timestep_key(timestep) -> float:
@@ -370,7 +342,8 @@ class ActivationStats:
         out = {
             "layers": np.array(layers, dtype=str),
             "timesteps": np.array(timesteps, dtype=np.float64),
-            "hist_range": np.array([self.spec.lo, self.spec.hi], dtype=np.float64),
+            "hist_scale": np.array(self.spec.scale, dtype=np.float64),
+            "hist_limit": np.array(self.spec.limit, dtype=np.float64),
             "bin_edges": self.spec.bin_edges,
             "present": np.zeros((L, T), dtype=bool),
             "count": np.zeros((L, T, C), dtype=np.int64),
@@ -378,6 +351,7 @@ class ActivationStats:
             "hist": np.zeros((L, T, B), dtype=np.int64),
             **{name: np.zeros((L, T), dtype=np.int64) for name in CELL_COUNTERS},
             "negative_fraction": np.full((L, T), np.nan),
+            "zero_fraction": np.full((L, T), np.nan),
         }
         layer_index = {name: i for i, name in enumerate(layers)}
         time_index = {t: j for j, t in enumerate(timesteps)}
@@ -393,22 +367,26 @@ class ActivationStats:
             for name in CELL_COUNTERS:
                 out[name][i, j] = getattr(cell, name)
             out["negative_fraction"][i, j] = cell.negative_fraction
+            out["zero_fraction"][i, j] = cell.zero_fraction
         return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ActivationStats":
-        """Inverse of to_arrays. The derived keys (std, negative_fraction, bin_edges) are recomputed, not read;
-        bin_edges, if given, must match the histogram range."""
-        required = ("layers", "timesteps", "hist_range", "present", "count", "hist") + PER_CHANNEL_STATS + CELL_COUNTERS
+        """Inverse of to_arrays. The derived keys (std, the fractions, bin_edges) are recomputed, not read;
+        bin_edges, if given, must be the histogram spec's."""
+        required = (("layers", "timesteps", "hist_scale", "hist_limit", "present", "count", "hist")
+                    + PER_CHANNEL_STATS + CELL_COUNTERS)
         missing = [k for k in required if k not in arrays]
         if missing:
             raise ValueError(f"activation stats arrays lack {missing}")
         layers = [str(name) for name in np.asarray(arrays["layers"]).reshape(-1)]
         timesteps = np.asarray(arrays["timesteps"], dtype=np.float64)
-        lo, hi = (float(v) for v in np.asarray(arrays["hist_range"], dtype=np.float64))
         hist = np.asarray(arrays["hist"])
         L, T = len(layers), timesteps.shape[0]
-        spec = HistogramSpec(bins=int(hist.shape[-1]), lo=lo, hi=hi)
+        if np.shape(arrays["hist_scale"]) != () or np.shape(arrays["hist_limit"]) != ():
+            raise ValueError("hist_scale and hist_limit must be scalars")
+        spec = HistogramSpec(bins=int(hist.shape[-1]), scale=float(arrays["hist_scale"]),
+                             limit=float(arrays["hist_limit"]))
         if "bin_edges" in arrays and not np.array_equal(arrays["bin_edges"], spec.bin_edges):
             raise ValueError(f"bin_edges do not match {spec}")
         count = np.asarray(arrays["count"])
@@ -446,5 +424,11 @@ def _cell_from_arrays(arrays: dict[str, np.ndarray], i: int, j: int, spec: Histo
     identity = {"mean": 0.0, "m2": 0.0, "min": np.inf, "max": -np.inf}  # merge identities of empty channels
     per_channel = {k: np.where(filled, v, identity[k]) for k, v in values.items()}
     counters = {k: int(arrays[k][i, j]) for k in CELL_COUNTERS}
-    return CellStats(spec=spec, count=count, hist=np.asarray(arrays["hist"][i, j], dtype=np.int64),
-                     **per_channel, **counters)
+    hist = np.asarray(arrays["hist"][i, j], dtype=np.int64)
+    finite = int(count.sum())
+    # Every finite value lands in exactly one bin, and a value is negative, zero or neither.
+    if np.any(hist < 0) or int(hist.sum()) != finite or min(counters.values()) < 0 or \
+            counters["negative"] + counters["zero"] > finite:
+        raise ValueError(f"cell {where} has inconsistent counts (histogram total {int(hist.sum())}, {finite} finite "
+                         f"values, {counters['negative']} negative, {counters['zero']} zero)")
+    return CellStats(spec=spec, count=count, hist=hist, **per_channel, **counters)

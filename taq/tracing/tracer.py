@@ -30,9 +30,10 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from taq.cuda import cuda_available
-from taq.tracing.cuda_reduce import cuda_reducer
-from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, HistogramSpec, compiled_reducer,
-                               pack_reductions, reduce_batch, timestep_key, unpack_reductions)
+from taq.tracing.cuda_reduce import cuda_reducer, histogram_copies
+from taq.tracing.histogram import HistogramSpec
+from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, compiled_reducer, pack_reductions,
+                               reduce_batch, timestep_key, unpack_reductions)
 
 # Module path of an FFN activation -> layer name; one entry per stream of each model family.
 FFN_ACTIVATION_NAMES: tuple[tuple[str, str], ...] = (
@@ -205,7 +206,7 @@ def _swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 def device_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
     """The fastest exact reduction here: the one-pass kernel on CUDA, mx.compile-fused ops on another GPU, plain
     ops on the CPU (whose backend compiles each new shape slowly)."""
-    if cuda_available():
+    if cuda_available() and histogram_copies(spec.bins):
         return cuda_reducer(spec)
     if mx.default_device().type == mx.DeviceType.gpu:
         return compiled_reducer(spec)
