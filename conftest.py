@@ -1,4 +1,8 @@
-"""Command-line options of taq's test suites (the characterization suite's are read in characterization/conftest.py)."""
+"""Command-line options of taq's test suites (the characterization suite's are read in characterization/conftest.py),
+and the end-of-run list of what was skipped and how to install it."""
+
+import re
+from collections import Counter
 
 from taq.config import DEFAULT_MODEL
 from taq.options import add_histogram_options, histogram_option_names
@@ -27,3 +31,30 @@ def pytest_addoption(parser):
     group.addoption("--taq-bench-sd3", action="store_true",
                     help="run the random-weight sd3-medium benchmarks on the CPU device too (they always run on "
                          "GPU/Metal devices)")
+
+
+# What a skipped test was missing (a pattern of its skip reason) -> the one command that installs it.
+INSTALLERS = {
+    r"diffusionkit": "bash scripts/install_diffusionkit.sh",
+    r"chromium": "apt-get install chromium",
+    r"huggingface_hub": 'pip install -e ".[hf]"',
+}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say, at the end, which tests were skipped and why, and how to install what they need: CI (bash .ci/run)
+    installs all of it, so a test skipped here runs there."""
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.write_sep("-", f"skipped: {sum(reasons.values())} tests")
+    installable = False
+    for reason, count in reasons.most_common():
+        install = [command for pattern, command in INSTALLERS.items() if re.search(pattern, reason, re.IGNORECASE)]
+        installable = installable or bool(install)
+        terminalreporter.write_line(f"{count:4d}  {reason}" + (f"\n      install: {install[0]}" if install else ""))
+    if installable:
+        terminalreporter.write_line("bash .ci/run installs all of these and runs the suite as CI does")

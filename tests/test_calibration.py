@@ -115,6 +115,12 @@ def _set(key, value):
     return change
 
 
+def _unused_prompt(arrays, meta):
+    arrays["prompts"] = np.append(arrays["prompts"], "a prompt no point uses")
+    for key in ("cs", "cs_pooled"):
+        arrays[key] = np.concatenate([arrays[key], arrays[key][:1]])
+
+
 def _nan_in_xs(arrays, meta):
     arrays["xs"] = arrays["xs"].copy()
     arrays["xs"][1, 0, 0, 0] = np.nan
@@ -133,6 +139,7 @@ def _nan_in_xs(arrays, meta):
     (_set("ts", lambda x: x + 1), "'ts' does not match"),
     (_set("step_indices", lambda x: x + 1), "not among the selected steps"),
     (lambda a, m: m.pop("sigmas"), "metadata has no 'sigmas'"),
+    (_unused_prompt, "1 of its 4 prompts are used by no point"),
 ])
 def test_load_rejects_an_inconsistent_file(reference, tmp_path, change, message):
     summary, _ = reference

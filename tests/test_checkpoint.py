@@ -308,6 +308,22 @@ def test_taq_file_without_an_mmdit_is_rejected(tmp_path):
         load_mmdit(path)
 
 
+def test_a_changed_byte_in_a_taq_weights_file_fails_its_digest(tmp_path, random_model):
+    path = tmp_path / "taq.safetensors"
+    save_mmdit(path, random_model, dtype=mx.float16)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match its taq_sha256 digest"):
+        load_mmdit(path)
+
+
+def test_the_shipped_pocket_weights_pass_their_digest():
+    from taq.pocket import DEFAULT_WEIGHTS, load_pocket
+
+    assert load_pocket(DEFAULT_WEIGHTS)[1]["mmdit_config"]["depth"] == 6
+
+
 def test_taq_file_header_is_json(tmp_path, random_model):
     path = tmp_path / "taq.safetensors"
     save_mmdit(path, random_model, metadata={"prompts": ["a", "b"]})

@@ -208,6 +208,28 @@ def test_identical_timesteps_gain_nothing_and_different_scales_gain_a_lot():
     assert result.ratio == pytest.approx(80 / 65, rel=1e-3)
 
 
+def test_the_exact_extremes_bound_the_outer_occupied_bins():
+    edges = np.array([-3e38, -0.5, 0.0, 1.0, 2.0, 3e38])  # end bins as wide as the stats' own
+    hist = np.array([[0, 3, 5, 2, 1], [0, 1, 5, 4, 0]])  # one value beyond 2, in the end bin
+    bounded = time_aware_mse(hist, edges, 8, lowest=-0.17, highest=2.5)
+    assert bounded.lo == -0.17 and bounded.shared_hi <= 2.5 and np.all(bounded.per_timestep_hi <= 2.5)
+    unbounded = time_aware_mse(hist, edges, 8)
+    assert unbounded.lo == -0.5 and unbounded.shared_mse > 1e6  # one value spread over [2, 3e38]
+    assert bounded.shared_mse < 1e-3
+
+
+def test_the_time_aware_claim_notes_values_in_the_end_bins():
+    spec = HistogramSpec(16, 0.5, 4.0)
+    stats = ActivationStats(spec, ["mm_00_img"])
+    rng = np.random.default_rng(0)
+    for t, far in ((10.0, 0.0), (900.0, 100.0)):
+        x = np.abs(rng.standard_normal((50, 4))).astype(np.float32)
+        x[0, 0] = far or x[0, 0]
+        stats.update("mm_00_img", t, CellStats.from_activations(mx.array(x), spec))
+    m = measure(stats.to_arrays(), "mm_00_img", "time_aware_mse_8bit")
+    assert "1 values in the coarse end bins beyond +-4" in m.note and np.isfinite(m.value)
+
+
 # --------------------------------------------------------------------------- histogram distance
 
 

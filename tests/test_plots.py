@@ -195,3 +195,11 @@ def test_taq_plot_bad_input_exits_2_with_one_line(stats, tmp_path, capsys):
     assert not out.exists()  # nothing created for a bad request
     assert main(["plot", "--stats-file", str(tmp_path / "missing.npz"), "--output-dir", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_taq_plot_refuses_an_output_directory_where_it_would_overwrite_the_stats_file(stats, tmp_path, capsys):
+    stats_file = tmp_path / "summary.csv"  # a stats file under a name taq plot writes
+    save_stats(stats_file, stats, {"model": "synthetic"})
+    before = stats_file.read_bytes()
+    assert main(["plot", "--stats-file", str(stats_file), "--output-dir", str(tmp_path)]) == 2
+    assert "--stats-file" in capsys.readouterr().err and stats_file.read_bytes() == before

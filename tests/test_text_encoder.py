@@ -157,3 +157,17 @@ def test_encoder_is_deterministic_given_the_seed():
 def test_ids_of_the_wrong_shape_are_refused(small_encoder, shape):
     with pytest.raises(ValueError, match="ids must be"):
         small_encoder(mx.zeros(shape, dtype=mx.int32))
+
+
+def test_prompts_without_a_known_word_are_named_in_a_warning(small_encoder):
+    unconditional = np.array(small_encoder.encode([""])[1])
+    with pytest.warns(UserWarning, match=r"knows no word of 3 prompt\(s\).*'写一个七', '🙂', 'hello world'") as caught:
+        _, pooled = small_encoder.encode(["写一个七", "🙂", "hello world", "a handwritten digit seven", ""])
+    assert len(caught) == 1
+    np.testing.assert_array_equal(np.array(pooled[:2]), np.repeat(unconditional, 2, axis=0))  # as if ""
+    assert not np.array_equal(np.array(pooled[3]), unconditional[0])
+
+
+def test_known_prompts_and_the_unconditional_one_encode_without_a_warning(small_encoder, recwarn):
+    small_encoder.encode(["", "the number 7", "A HANDWRITTEN digit, seven!"])
+    assert not recwarn.list

@@ -2,15 +2,18 @@
 
 SD3's single-file checkpoints keep the MMDiT under `model.diffusion_model.` with PyTorch layouts; taq's MMDiT uses
 the same module names, so the only conversion is the patch-embedding convolution (OIHW -> OHWI).
-taq's own files hold one or more named modules (`mmdit.`, `text_encoder.`) and a JSON metadata record.
+taq's own files hold one or more named modules (`mmdit.`, `text_encoder.`), a JSON metadata record and a
+SHA-256 of both, checked on load.
 
 Every .safetensors file is checked against its header before MLX reads it (a truncated, cut or foreign file is a
-CheckpointError naming the file, never an MLX error or a read past the end). The format has no checksum: a
-changed byte inside a tensor's data is a different, valid tensor.
+CheckpointError naming the file, never an MLX error or a read past the end). The format itself has no checksum:
+in an SD3 checkpoint a changed byte inside a tensor's data is a different, valid tensor; taq's own files carry
+their digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from taq.config import MMDiTConfig
@@ -27,7 +31,7 @@ from taq.models.mmdit import MMDiT
 SD3_PREFIX = "model.diffusion_model."
 CONV_KEY = "x_embedder.proj.weight"
 SD3_HEAD_DIM = 64
-TAQ_FORMAT_VERSION = "1"
+TAQ_FORMAT_VERSION = "2"  # 2: with taq_sha256
 HF_SD3_MEDIUM = ("stabilityai/stable-diffusion-3-medium", "sd3_medium.safetensors")
 
 
@@ -229,14 +233,29 @@ def _save_safetensors(path: str | os.PathLike, arrays: dict[str, mx.array], meta
 # --------------------------------------------------------------------------- taq's own format
 
 
+UNSIGNED = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}  # same-size views for hashing any dtype
+
+
+def weights_digest(arrays: dict[str, mx.array], record: str) -> str:
+    """SHA-256 of a metadata record (its JSON text) and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(record.encode())
+    for key in sorted(arrays):
+        value = arrays[key]
+        digest.update(f"\0{key}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+        digest.update(np.array(value.view(UNSIGNED[value.dtype.size])).tobytes())
+    return digest.hexdigest()
+
+
 def save_taq_weights(path: str | os.PathLike, modules: dict[str, nn.Module], metadata: dict,
                      dtype: mx.Dtype | None = None) -> None:
-    """Save named modules (e.g. {"mmdit": model, "text_encoder": enc}) and a JSON metadata record."""
+    """Save named modules (e.g. {"mmdit": model, "text_encoder": enc}), a JSON metadata record and their digest."""
     arrays = {}
     for name, module in modules.items():
         for key, value in tree_flatten(module.parameters()):
             arrays[f"{name}.{key}"] = value.astype(dtype) if dtype and mx.issubdtype(value.dtype, mx.floating) else value
-    _save_safetensors(path, arrays, {"taq_format": TAQ_FORMAT_VERSION, "taq_metadata": json.dumps(metadata)})
+    record = json.dumps(metadata)
+    _save_safetensors(path, arrays, {"taq_format": TAQ_FORMAT_VERSION, "taq_metadata": record,
+                                     "taq_sha256": weights_digest(arrays, record)})
 
 
 def read_taq_weights(path: str | os.PathLike) -> tuple[dict[str, dict[str, mx.array]], dict]:
@@ -248,6 +267,9 @@ def read_taq_weights(path: str | os.PathLike) -> tuple[dict[str, dict[str, mx.ar
     if header.get("taq_format") != TAQ_FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a taq weights file of format {TAQ_FORMAT_VERSION} "
                               f"(header {sorted(header)})")
+    if header.get("taq_sha256") != weights_digest(arrays, header.get("taq_metadata", "")):
+        raise CheckpointError(f"{path}: its tensors or metadata do not match its taq_sha256 digest (the file is "
+                              "damaged)")
     modules: dict[str, dict[str, mx.array]] = {}
     for key, value in arrays.items():
         name, _, rest = key.partition(".")
@@ -261,6 +283,14 @@ def read_taq_weights(path: str | os.PathLike) -> tuple[dict[str, dict[str, mx.ar
     return modules, metadata
 
 
+def config_from_metadata(config_class, record, path):
+    """`config_class.from_dict(record)` of a weights file's metadata; a bad record is a CheckpointError."""
+    try:
+        return config_class.from_dict(record)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its {config_class.__name__} record is invalid ({exc})") from None
+
+
 def save_mmdit(path: str | os.PathLike, model: MMDiT, metadata: dict | None = None,
                dtype: mx.Dtype | None = None) -> None:
     save_taq_weights(path, {"mmdit": model}, {"mmdit_config": model.config.to_dict(), **(metadata or {})}, dtype)
@@ -271,7 +301,7 @@ def load_mmdit(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[
     modules, metadata = read_taq_weights(path)
     if "mmdit" not in modules or "mmdit_config" not in metadata:
         raise CheckpointError(f"{path}: holds no MMDiT (modules: {sorted(modules)})")
-    model = MMDiT(MMDiTConfig.from_dict(metadata["mmdit_config"]))
+    model = MMDiT(config_from_metadata(MMDiTConfig, metadata["mmdit_config"], path))
     load_into(model, modules["mmdit"], source=str(path))
     if dtype is not None:
         model.set_dtype(dtype)

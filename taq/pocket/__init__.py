@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from taq.config import MMDiTConfig
-from taq.models.checkpoint import CheckpointError, load_into, read_taq_weights, save_taq_weights
+from taq.models.checkpoint import (CheckpointError, config_from_metadata, load_into, read_taq_weights,
+                                   save_taq_weights)
 from taq.models.mmdit import MMDiT
 from taq.pocket.text_encoder import TextEncoder, TextEncoderConfig
 
@@ -53,8 +54,8 @@ def load_pocket(path: str | os.PathLike = DEFAULT_WEIGHTS) -> tuple[PocketModel,
         if name not in modules or config_key not in metadata:
             raise CheckpointError(f"{path}: not a pocket model file (modules {sorted(modules)}, "
                                   f"metadata keys {sorted(metadata)})")
-    model = PocketModel(MMDiTConfig.from_dict(metadata["mmdit_config"]),
-                        TextEncoderConfig.from_dict(metadata["text_encoder_config"]))
+    model = PocketModel(config_from_metadata(MMDiTConfig, metadata["mmdit_config"], path),
+                        config_from_metadata(TextEncoderConfig, metadata["text_encoder_config"], path))
     load_into(model.mmdit, modules["mmdit"], source=f"{path} (mmdit)")
     load_into(model.text_encoder, modules["text_encoder"], source=f"{path} (text_encoder)")
     return model, metadata
