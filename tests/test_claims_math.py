@@ -233,6 +233,14 @@ def test_the_time_aware_claim_notes_values_in_the_end_bins():
 # --------------------------------------------------------------------------- histogram distance
 
 
+def test_wasserstein_distance_puts_an_end_bins_mass_at_its_finite_edge():
+    big = float(np.finfo(np.float32).max)
+    edges = np.array([-big, -1.0, 0.0, 1.0, big])
+    p, q = np.array([0.0, 0.5, 0.5, 1e-9]), np.array([0.0, 0.5, 0.5, 0.0])  # near-equal, as rounding leaves them
+    assert wasserstein_distance(p, q, edges) < 1e-8
+    assert wasserstein_distance(np.array([0, 0, 0, 1.0]), np.array([0, 0, 1.0, 0]), edges) == 0.5  # 0.5 -> 1
+
+
 def test_wasserstein_distance_of_a_one_bin_shift_is_the_bin_width():
     edges = np.linspace(0.0, 1.0, 11)
     p, q = np.zeros(10), np.zeros(10)

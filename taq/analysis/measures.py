@@ -17,6 +17,7 @@ OUTLIER_FRACTION = 0.02  # the seed's "top 2%"; TaQ-DiT's own lists mark 5.4%-21
 MEAN_SHIFT_FRACTION = 0.02  # "some channels": the top 2% of channels by mean shift
 RANGE_QUANTILES = (0.001, 0.999)  # the per-timestep range p0.1 .. p99.9
 WASTED_LEVELS_BITS = 8
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the outer edges of the statistics' end bins
 
 
 # --------------------------------------------------------------------------- one layer of the statistics
@@ -162,9 +163,14 @@ def outlier_channels(ranges: np.ndarray, fraction: float = OUTLIER_FRACTION) -> 
 def wasserstein_distance(p: np.ndarray, q: np.ndarray, bin_edges: np.ndarray) -> np.ndarray:
     """(...) earth mover's distance between histograms p and q (..., bins) over the same bins, each normalized
     to total 1, with every bin's mass at its centre: sum over bins of |CDF_p - CDF_q| x distance to the next
-    centre. In the activation's units; robust to tiny shifts, unlike bin-by-bin distances."""
+    centre. In the activation's units; robust to tiny shifts, unlike bin-by-bin distances. An end bin that reaches
+    float32's max (the statistics' catch-all bins) has its mass at its finite edge: a centre near 1e38 would turn
+    the CDFs' rounding into astronomic distances."""
     p, q = (np.asarray(a, dtype=np.float64) for a in (p, q))
-    edges = np.asarray(bin_edges, dtype=np.float64)
+    edges = np.array(bin_edges, dtype=np.float64)
+    if edges.size > 2:
+        edges[0], edges[-1] = (edges[1] if edges[0] <= -FLOAT32_MAX else edges[0],
+                               edges[-2] if edges[-1] >= FLOAT32_MAX else edges[-1])
     if p.shape != q.shape or edges.shape != (p.shape[-1] + 1,):
         raise ValueError(f"histograms {p.shape} and {q.shape} do not share bins with edges {edges.shape}")
     with np.errstate(invalid="ignore", divide="ignore"):
