@@ -1,8 +1,8 @@
 """Stats regression: per-(layer, timestep) statistics of the embedded default against a committed baseline.
 
 Per cell the baseline keeps eight scalars over all channels' values -- min, max, mean, std, fractions of negative
-values and of exact zeros, p0.1 and p99.9 (from the histogram, kept within [min, max]) -- and the histogram as a normalized
-distribution over the occupied bins. `compare` checks new statistics against it with `TOLERANCES`:
+values and of exact zeros, p0.1 and p99.9 (from the histogram, kept within [min, max]) -- and the histogram as a
+normalized distribution over the occupied bins. `compare` checks new statistics against it with `TOLERANCES`:
 
 - ranges and spread (min, max, std, p0.1, p99.9): 1% of the baseline value;
 - mean: 1% of the cell's std (a post-GELU mean can sit near 0, where a relative tolerance means nothing);

@@ -14,10 +14,11 @@ B trajectories go through the model together (2B rows with CFG); a batch of 1 gi
 rounding, and the same batch size gives byte-identical arrays on the same platform.
 
 Resume: after every batch the finished trajectories' selected x_t and the recipe's fingerprint are written
-atomically to `<output>.partial.npz` (Ctrl-C or a full disk leaves the last one in place and says so). A rerun with the same recipe (batch size included, since batching changes
-float rounding) continues after the last finished batch and writes the same arrays as an uninterrupted run. A
-partial file from a different recipe is refused, naming the fields that differ (delete it or pass
-`resume=False` / `--no-resume` to start over); it is removed once the output is written.
+atomically to `<output>.partial.npz` (Ctrl-C or a full disk leaves the last one in place and says so). A rerun with
+the same recipe (batch size included, since batching changes float rounding) continues after the last finished batch
+and writes the same arrays as an uninterrupted run. A partial file from a different recipe is refused, naming the
+fields that differ (delete it or pass `resume=False` / `--no-resume` to start over); it is removed once the output
+is written.
 
 Several processes (`mlx.launch -n N -- python -m taq.cli calibrate ...`, see taq.distributed): global batch k
 (trajectories [k B, (k + 1) B)) runs on rank k % N, so every batch is computed as in a single process and the

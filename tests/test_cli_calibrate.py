@@ -242,5 +242,6 @@ def test_ctrl_c_is_one_line_saying_what_was_kept_and_exits_130(tmp_path, capsys,
     monkeypatch.setattr(taq.calibration, "sample_selected_steps", interrupted_on_the_second_batch)
     output = tmp_path / "cal.npz"
     assert main(["calibrate", *SMALL_RUN, "--output", str(output)]) == 130
-    assert messages(capsys.readouterr().err) == [f"taq calibrate: interrupted; 2 of 3 trajectories are kept in {partial_path(output)}; run the "
-                      "same command again to resume"]
+    assert messages(capsys.readouterr().err) == [
+        f"taq calibrate: interrupted; 2 of 3 trajectories are kept in {partial_path(output)}; run the same command "
+        "again to resume"]

@@ -62,8 +62,8 @@ REFUSED = {
 @pytest.mark.parametrize("case", REFUSED)
 def test_bad_input_exits_2_with_one_line_and_no_output(tiny_calibration, tmp_path, capsys, case):
     stats = tmp_path / "made.npz"  # a valid stats file, for the wrong-kind case
-    assert main(["profile", "--calibration-file", str(tiny_calibration), "--model", "tiny", "--random-weights", "--num-samples", "2",
-                 "--output", str(stats)]) == 0
+    assert main(["profile", "--calibration-file", str(tiny_calibration), "--model", "tiny", "--random-weights",
+                 "--num-samples", "2", "--output", str(stats)]) == 0
     capsys.readouterr()
     flags, message = REFUSED[case]
     (tmp_path / "notes.npz").write_text("plain text, not an archive\n")

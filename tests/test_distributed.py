@@ -31,7 +31,8 @@ MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
 LAUNCH_TIMEOUT = 60  # seconds; a healthy 2-rank run of these recipes takes about 4
 
 # 7 trajectories in batches of 2: rank 0 gets batches 0 and 2 (trajectories 0, 1, 4, 5), rank 1 batches 1 and 3
-CALIBRATE = ["--model", "tiny", "--random-weights", "--num-fid-samples", "7", "--num-sampling-steps", "4", "--num-selected-steps", "2",
+CALIBRATE = ["--model", "tiny", "--random-weights", "--num-fid-samples", "7", "--num-sampling-steps", "4",
+             "--num-selected-steps", "2",
              "--resolution", "8", "--batch-size", "2", "--seed", "3"]
 # 14 points at 2 timesteps in batches of 2: 8 forwards, so each rank merges several batches per timestep
 PROFILE = ["--model", "tiny", "--random-weights", "--num-samples", "14", "--batch-size", "2", "--bins", "64"]

@@ -16,7 +16,8 @@ from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec
 
 DEFAULT_PER_LAYER = ["mm_00_img", "mm_03_img", "mm_05_img", "mm_02_txt"]
 ALL_LAYER_FIGURES = ["range_vs_timestep_all.png", "range_vs_timestep_img.png", "range_vs_timestep_txt.png",
-                     "heatmap_mean.png", "heatmap_std.png", "negative_fraction_heatmap.png", "zero_fraction_heatmap.png"]
+                     "heatmap_mean.png", "heatmap_std.png", "negative_fraction_heatmap.png",
+                     "zero_fraction_heatmap.png"]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def test_layer_filter_restricts_every_figure(stats, tmp_path):
     written = write_figures(stats, tmp_path, layers=["mm_04_txt", "mm_01_txt"])
     assert sorted(f.path.name for f in written) == sorted([
         "range_vs_timestep_all.png", "range_vs_timestep_txt.png", "heatmap_mean.png", "heatmap_std.png",
-        "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "histogram_mm_04_txt.png", "channel_ranges_mm_04_txt.png",
-        "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png"])
+        "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "histogram_mm_04_txt.png",
+        "channel_ranges_mm_04_txt.png", "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png"])
     heatmap = heatmap_figure(stats, "mean", ["mm_04_txt", "mm_01_txt"])
     assert [t.get_text() for t in heatmap.axes[0].get_yticklabels()] == ["mm_01_txt", "mm_04_txt"]  # by depth
     ranges = range_vs_timestep_figure(stats, ["mm_04_txt", "mm_01_txt"])

@@ -55,7 +55,8 @@ def test_profile_writes_stats_of_every_layer_at_the_sampled_timesteps(tiny_model
     meta = loaded.meta
     assert meta["calibration_sha256"] == file_sha256(tiny_calibration)
     assert (meta["model"], meta["weights_id"], meta["seed"], meta["gelu"]) == ("tiny", "random-seed-0", 1, "tanh")
-    assert meta["hist_spec"] == {"bins": 4096, "scale": 1 / 64, "limit": 65536.0} and "both rows are counted" in meta["rows"]
+    assert meta["hist_spec"] == {"bins": 4096, "scale": 1 / 64, "limit": 65536.0}
+    assert "both rows are counted" in meta["rows"]
     assert summary.line().startswith(f"wrote statistics of 3 layers x {len(timesteps)} timesteps from 12 points")
 
 
@@ -319,8 +320,8 @@ def test_a_calibration_of_another_model_is_refused_naming_both(pocket_model, tin
 
 def test_a_calibration_of_other_weights_warns(tiny_calibration, tmp_path):
     with pytest.warns(UserWarning, match="other weights of 'tiny'"):
-        profile(load_model("tiny", seed=1, random_weights=True), tiny_calibration, num_samples=2, output=tmp_path / "s.npz",
-                progress=False)
+        profile(load_model("tiny", seed=1, random_weights=True), tiny_calibration, num_samples=2,
+                output=tmp_path / "s.npz", progress=False)
 
 
 # --------------------------------------------------------------------------- the stats file

@@ -3,13 +3,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from taq.tracing.histogram import FLOAT32_MAX, MAX_BINS, HistogramSpec, HistogramSpecError
-from taq.tracing.stats import (CELL_COUNTERS, ActivationStats, BatchReduction, CellStats, compiled_reducer, pack_reductions,
-                               reduce_batch, unpack_reductions)
+from taq.tracing.stats import (CELL_COUNTERS, ActivationStats, BatchReduction, CellStats, compiled_reducer,
+                               pack_reductions, reduce_batch, unpack_reductions)
 
 RTOL = 1e-5
 SPEC = HistogramSpec()
@@ -91,7 +91,8 @@ def edges_and_neighbours(spec: HistogramSpec) -> np.ndarray:
     """Every edge with its float32 neighbours (those beyond float32's max are inf)."""
     edges = spec.bin_edges
     with np.errstate(over="ignore"):
-        return np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf))])
+        return np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
+                               np.nextafter(edges, np.float32(np.inf))])
 
 
 @pytest.mark.parametrize("spec", [SPEC, HistogramSpec(4, 1.0, 2.0), HistogramSpec(1000, 1e-3, 1e4),

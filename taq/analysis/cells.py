@@ -2,7 +2,8 @@
 
 Everything here reads the arrays of `ActivationStats.to_arrays()` (`stats_arrays` accepts a stats file, the
 container or the dict): per-channel statistics (L, T, C) with NaN where a channel saw no finite value, histograms
-(L, T, bins) over fixed edges that hold every finite value, counters (L, T). Cells without data give NaN, never an exception. Pure NumPy.
+(L, T, bins) over fixed edges that hold every finite value, counters (L, T). Cells without data give NaN, never an
+exception. Pure NumPy.
 """
 
 from __future__ import annotations

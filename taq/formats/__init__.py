@@ -1,7 +1,7 @@
 """taq's file formats, one module per file kind: keys, version, validation, read/write and a cheap `read_meta`.
 
-`container` is what they share (versioned .npz + JSON metadata, atomic writes honouring the umask, input and output checks,
-TaqFormatError, WriteError).
+`container` is what they share (versioned .npz + JSON metadata, atomic writes honouring the umask, input and
+output checks, TaqFormatError, WriteError).
 """
 
 from taq.formats.container import (TaqFormatError, WriteError, atomic_path, check_input_file, check_output_path,

@@ -1,8 +1,8 @@
 """The calibration set (phase 1's output, phase 2's and the quantizer's input) and calibrate's resume file.
 
 A calibration file holds P points (x_t, t) of T trajectories, K selected steps each, and the embeddings of the M
-prompts they were sampled with (each used by some point); `meta` records the recipe, the sigmas and the selected steps, so every t can be
-checked against the step it claims to come from.
+prompts they were sampled with (each used by some point); `meta` records the recipe, the sigmas and the selected
+steps, so every t can be checked against the step it claims to come from.
 """
 
 from __future__ import annotations

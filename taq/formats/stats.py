@@ -1,7 +1,7 @@
 """The statistics file (phase 2's output): `ActivationStats.to_arrays()` plus the run's metadata record.
 
-Derived keys (std, negative_fraction, zero_fraction, bin_edges) are stored for readers outside taq but recomputed on load and
-required to agree with the rest, so a file whose arrays contradict each other is refused.
+Derived keys (std, negative_fraction, zero_fraction, bin_edges) are stored for readers outside taq but recomputed on
+load and required to agree with the rest, so a file whose arrays contradict each other is refused.
 """
 
 from __future__ import annotations

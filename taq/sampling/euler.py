@@ -24,7 +24,8 @@ Denoiser = Callable[[mx.array, mx.array], mx.array]
 def check_guidance_scale(scale: float) -> float:
     """A CFG scale is a finite number >= 0 (0: unconditional, 1: conditional only); a negative one would push
     every sample away from its prompt."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not (math.isfinite(scale) and scale >= 0):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not (
+            math.isfinite(scale) and scale >= 0):
         raise ValueError(f"the guidance scale (cfg_scale) must be a finite number >= 0, got {scale!r}")
     return float(scale)
 

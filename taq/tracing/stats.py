@@ -244,7 +244,7 @@ class CellStats:
 # --------------------------------------------------------------------------- host side: all cells
 
 PER_CHANNEL_STATS = ("mean", "m2", "min", "max")
-DERIVED_KEYS = ("std", "negative_fraction", "zero_fraction", "bin_edges")  # written by to_arrays, recomputed by from_arrays
+DERIVED_KEYS = ("std", "negative_fraction", "zero_fraction", "bin_edges")  # written by to_arrays, recomputed on load
 
 
 def timestep_key(timestep) -> float:
