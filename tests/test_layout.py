@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "taq"
 # Stages in flow order; a module may import its own stage and earlier ones, never a later one.
-FLOW = ["taq.sampling", "taq.calibration", "taq.tracing", "taq.profiling", "taq.analysis", "taq.report",
+FLOW = ["taq.sampling", "taq.calibration", "taq.tracing", "taq.profiling", "taq.analysis", "taq.quant",
+        "taq.quantization", "taq.evaluation", "taq.report",
         "taq.pipeline"]
 
 
