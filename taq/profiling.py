@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,49 +32,16 @@ import mlx.core as mx
 
 from taq.distributed import (World, check_agreement, collective_step, current_world, fail_together, gather_stats,
                              shard)
-from taq.formats import TaqFormatError, check_output_path, file_sha256
+from taq.formats import check_output_path, file_sha256
 from taq.formats.calibration import CalibrationSet, load_calibration
 from taq.formats.stats import save_stats
 from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
-from taq.tracing.plan import ForwardBatch, batch_inputs, plan_batches
+from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches
 from taq.tracing.stats import timestep_key
 
 ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
              "ones; both rows are counted, so count = 2 x points x tokens per channel")
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_calibration_fits(cal: CalibrationSet, model: Model, source: str) -> None:
-    """The calibration set must feed this model: latent channels and grid, embedding widths, finite embeddings."""
-    cfg = model.mmdit.config
-    made_with = cal.meta.get("model", "an unknown model")
-    H, W, C = cal.xs.shape[1:]
-    problems = []
-    if C != cfg.in_channels:
-        problems.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
-    p, grid = cfg.patch_size, cfg.pos_embed_max_size
-    if H % p or W % p or H // p > grid or W // p > grid:
-        problems.append(f"latents are {H}x{W}, the model takes multiples of {p} up to {grid * p}")
-    if cal.cs.shape[-1] != cfg.token_dim:
-        problems.append(f"token embeddings are {cal.cs.shape[-1]} wide, the model takes {cfg.token_dim}")
-    if cal.cs_pooled.shape[-1] != cfg.pooled_dim:
-        problems.append(f"pooled embeddings are {cal.cs_pooled.shape[-1]} wide, the model takes {cfg.pooled_dim}")
-    if problems:
-        raise ValueError(f"{source} was made with {made_with!r} and does not fit model {model.name!r}: "
-                         + "; ".join(problems))
-    for key in ("cs", "cs_pooled", "cs_uncond", "cs_pooled_uncond"):
-        if not np.isfinite(getattr(cal, key)).all():
-            raise TaqFormatError(f"{source}: {key!r} holds NaN or inf values")
-    if len(cal) == 0:
-        raise TaqFormatError(f"{source}: holds no points")
-    if made_with != model.name:
-        warnings.warn(f"{source} was made with {made_with!r}; profiling {model.name!r}", stacklevel=3)
-    elif cal.meta.get("weights_id") != model.weights_id:
-        warnings.warn(f"{source} was made with other weights of {model.name!r} "
-                      f"({cal.meta.get('weights_id')} vs {model.weights_id})", stacklevel=3)
-
 
 # --------------------------------------------------------------------------- the driver
 

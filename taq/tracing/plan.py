@@ -9,12 +9,15 @@ rows [0:B] carry the points' prompt embeddings, rows [B:2B] the unconditional on
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from taq.formats import TaqFormatError
 from taq.formats.calibration import CalibrationSet
+from taq.loading import Model
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,33 @@ def batch_inputs(cal: CalibrationSet, batch: ForwardBatch) -> tuple[mx.array, mx
 
 def _cond_then_uncond(cond: np.ndarray, uncond: np.ndarray) -> np.ndarray:
     return np.concatenate([cond, np.broadcast_to(uncond, cond.shape)])
+
+
+def check_calibration_fits(cal: CalibrationSet, model: Model, source: str) -> None:
+    """The calibration set must feed this model: latent channels and grid, embedding widths, finite embeddings."""
+    cfg = model.mmdit.config
+    made_with = cal.meta.get("model", "an unknown model")
+    H, W, C = cal.xs.shape[1:]
+    problems = []
+    if C != cfg.in_channels:
+        problems.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
+    p, grid = cfg.patch_size, cfg.pos_embed_max_size
+    if H % p or W % p or H // p > grid or W // p > grid:
+        problems.append(f"latents are {H}x{W}, the model takes multiples of {p} up to {grid * p}")
+    if cal.cs.shape[-1] != cfg.token_dim:
+        problems.append(f"token embeddings are {cal.cs.shape[-1]} wide, the model takes {cfg.token_dim}")
+    if cal.cs_pooled.shape[-1] != cfg.pooled_dim:
+        problems.append(f"pooled embeddings are {cal.cs_pooled.shape[-1]} wide, the model takes {cfg.pooled_dim}")
+    if problems:
+        raise ValueError(f"{source} was made with {made_with!r} and does not fit model {model.name!r}: "
+                         + "; ".join(problems))
+    for key in ("cs", "cs_pooled", "cs_uncond", "cs_pooled_uncond"):
+        if not np.isfinite(getattr(cal, key)).all():
+            raise TaqFormatError(f"{source}: {key!r} holds NaN or inf values")
+    if len(cal) == 0:
+        raise TaqFormatError(f"{source}: holds no points")
+    if made_with != model.name:
+        warnings.warn(f"{source} was made with {made_with!r}, not {model.name!r}", stacklevel=3)
+    elif cal.meta.get("weights_id") != model.weights_id:
+        warnings.warn(f"{source} was made with other weights of {model.name!r} "
+                      f"({cal.meta.get('weights_id')} vs {model.weights_id})", stacklevel=3)
