@@ -10,7 +10,8 @@ lo = g_qmin)
     G(u) = (k - qmin) C + h(u - g_k),    k = clip(round(u / s) + z, qmin, qmax),
     h(t) = sign(t) |t|^(p+1) / (p+1),    C = 2 (s/2)^(p+1) / (p+1)   (one full cell's integral),
 
-continuous across cell boundaries, so a bin [a, b] with count c contributes c * (G(b) - G(a)) / (b - a).
+continuous across cell boundaries, so a bin [a, b] with count c contributes c * (G(b) - G(a)) / (b - a)
+(computed without cancellation for narrow bins far from the grid, see `lp_integral`).
 
 Histograms are (..., bins) with edges (bins + 1,) shared or (..., bins + 1); each histogram gets one grid, of
 shape counts.shape[:-1] (spec.granularity is not used: a histogram already is the set of values sharing a grid).
@@ -23,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from taq.quant.grid import QParams, QuantSpec, as_float32, grid_from_range
-from taq.quant.lp_search import _CHUNK
+from taq.quant.lp_search import _CHUNK, sum_last
 from taq.quant.observers import CANDIDATES, NUM_DEFAULT, P_DEFAULT, search_candidates
 
 
@@ -52,8 +53,8 @@ def histogram_with_tails(counts, edges, underflow: int = 0, overflow: int = 0, d
     if not lo <= hi:
         raise ValueError(f"histogram_with_tails needs data_min <= data_max, got {lo} and {hi}")
     clipped = np.clip(edges, lo, hi)
-    filled = counts > 0
-    if np.any(filled & (clipped[1:] <= lo) & (edges[1:] < lo)) or np.any(filled & (clipped[:-1] >= hi) & (edges[:-1] > hi)):
+    outside = (edges[1:] < lo) | (edges[:-1] > hi)  # bins wholly below the data's min or above its max
+    if np.any((counts > 0) & outside):
         raise ValueError("histogram has counts outside [data_min, data_max]")
     if underflow:
         counts, clipped = np.concatenate([[underflow], counts]), np.concatenate([[lo], clipped])
@@ -74,7 +75,16 @@ def lp_integral(a: mx.array, b: mx.array, scale, zero_point, qmin: int, qmax: in
         return mx.sign(t) * mx.abs(t) ** (p + 1) / (p + 1)
 
     (ka, ta), (kb, tb) = cell(a), cell(b)
-    return (kb - ka) * c + h(tb) - h(ta)  # G(b) - G(a), the level counts subtracted first: no cancellation
+    direct = (kb - ka) * c + h(tb) - h(ta)  # G(b) - G(a), the level counts subtracted first
+    # Within one cell and on one side of its level, h(tb) - h(ta) cancels when |ta| ~ |tb| (a narrow bin far out
+    # in a clipped tail): there, with t the smaller of |ta|, |tb| and w = b - a,
+    # |t + w|^(p+1) - |t|^(p+1) = t^(p+1) expm1((p+1) log1p(w / t)).
+    t = mx.minimum(mx.abs(ta), mx.abs(tb))
+    w = b - a
+    narrow = (ka == kb) & (ta * tb > 0) & (t > w)
+    ratio = w / mx.where(narrow, t, 1.0)
+    stable = t ** (p + 1) * mx.expm1((p + 1) * mx.log1p(ratio)) / (p + 1)
+    return mx.where(narrow, stable, direct)
 
 
 def histogram_lp_error(counts, edges, params: QParams, spec: QuantSpec, p: float = P_DEFAULT) -> mx.array:
@@ -82,7 +92,7 @@ def histogram_lp_error(counts, edges, params: QParams, spec: QuantSpec, p: float
     as points); shape counts.shape[:-1]."""
     counts, edges = _histograms(counts, edges)
     scale, zero_point = (as_float32(a).reshape(-1, 1) for a in params)
-    return (_bin_errors(counts, edges, scale, zero_point, spec, p) / counts.sum(axis=-1)).reshape(_batch_shape(params))
+    return (_bin_errors(counts, edges, scale, zero_point, spec, p) / sum_last(counts)).reshape(_batch_shape(params))
 
 
 def _bin_errors(counts: mx.array, edges: mx.array, scale, zero_point, spec: QuantSpec, p: float) -> mx.array:
@@ -92,7 +102,7 @@ def _bin_errors(counts: mx.array, edges: mx.array, scale, zero_point, spec: Quan
     mean = lp_integral(a, b, scale, zero_point, spec.qmin, spec.qmax, p) / mx.where(width > 0, width, 1.0)
     k = mx.clip(mx.round(a / scale) + zero_point, spec.qmin, spec.qmax)
     point = mx.abs(a - (k - zero_point) * scale) ** p  # zero-width bins hold their values at one point
-    return mx.sum(counts * mx.where(width > 0, mean, point), axis=-1)
+    return sum_last(counts * mx.where(width > 0, mean, point))
 
 
 def histogram_minmax_range(counts, edges) -> tuple[mx.array, mx.array]:
@@ -151,7 +161,8 @@ def histogram_mse_search(counts, edges, spec: QuantSpec, p: float = P_DEFAULT, n
     counts_in = counts
     counts, edges = _histograms(counts, edges)
     lo, hi = _minmax(counts, edges)
-    scales, zero_points = search_candidates(lo, hi, spec, num, candidates, per_row_side=True)  # (H, num), (H|1, num, Zc)
+    # (H, num), (H or 1, num, Zc)
+    scales, zero_points = search_candidates(lo, hi, spec, num, candidates, per_row_side=True)
     h, zc = counts.shape[0], zero_points.shape[-1]
     edges = mx.broadcast_to(edges, (h, counts.shape[-1] + 1))
     best = mx.full((h,), mx.inf)

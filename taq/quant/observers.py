@@ -17,7 +17,7 @@ import math
 import mlx.core as mx
 
 from taq.quant.grid import EPS, QParams, QuantSpec, as_float32, fake_quant, grid_from_range, rows_view
-from taq.quant.lp_search import lp_argmin
+from taq.quant.lp_search import lp_argmin, sum_last
 
 P_DEFAULT = 2.4  # TaQ-DiT's exponent (MSEObserver.p)
 NUM_DEFAULT = 100  # TaQ-DiT's number of widths (MSEObserver.num)
@@ -64,8 +64,8 @@ def _sorted_percentile(rows: mx.array, q: float) -> mx.array:
 def lp_error(x: mx.array, params: QParams, spec: QuantSpec, p: float = P_DEFAULT) -> mx.array:
     """Mean |fake_quant(x) - x|^p over each grid's elements, in spec.param_shape(x.shape)."""
     x = as_float32(x)
-    err = mx.abs(fake_quant(x, params, spec) - x) ** p
-    return rows_view(err, spec).mean(axis=1).reshape(spec.param_shape(x.shape))
+    err = rows_view(mx.abs(fake_quant(x, params, spec) - x) ** p, spec)
+    return (sum_last(err) / err.shape[1]).reshape(spec.param_shape(x.shape))
 
 
 # --------------------------------------------------------------------------- the L_p search
