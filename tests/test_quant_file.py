@@ -20,10 +20,10 @@ def sample_quantization(mode: str = "per-timestep") -> Quantization:
     schedule = fit_schedule(mode, 8, SIGMAS, scale, zero_point, float(scale.max()), 7.0, degree=2)
     spec = QuantSpec(bits=4, granularity="group", group_size=32)
     weight = QParams(np.full((8, 2), 0.01, np.float32), np.full((8, 2), 7.0, np.float32))
-    layers = {"mm_00_img.fc2": LayerQuantization("mm_00_img.fc2", "joint_blocks.0.x_block.mlp.fc2", spec, weight,
+    layers = {"mm_00_img.qkv": LayerQuantization("mm_00_img.qkv", "joint_blocks.0.x_block.attn.qkv", None, None,
                                                  schedule),
-              "mm_00_img.qkv": LayerQuantization("mm_00_img.qkv", "joint_blocks.0.x_block.attn.qkv", None, None,
-                                                 schedule)}
+              "mm_00_img.fc2": LayerQuantization("mm_00_img.fc2", "joint_blocks.0.x_block.mlp.fc2", spec, weight,
+                                                 schedule)}  # in model order, as the file keeps them
     return Quantization(layers, {"label": f"W4A8 {mode}", "model": "tiny", "weights_id": "random-seed-0"})
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from taq.formats.container import TaqFormatError, atomic_path
 from taq.quant.grid import QParams, QuantSpec
 from taq.quant.schedules import ActivationSchedule
+from taq.tracing.sites import site_order
 
 KIND, VERSION = "taq-quantization", 1
 
@@ -96,11 +97,18 @@ def load_quantization(path: str | os.PathLike) -> Quantization:
         return TaqFormatError(f"{path}: {message}")
 
     records = meta.pop("layers", None)
+    for key in ("kind", "format_version"):
+        meta.pop(key)
     if not isinstance(records, dict) or not records:
         raise fail("lists no quantized layers")
+    try:
+        order = sorted(records, key=site_order)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     sigmas = arrays.get("act_sigmas")
     layers = {}
-    for site, record in records.items():
+    for site in order:
+        record = records[site]
         try:
             layers[site] = _layer(site, record, arrays, sigmas)
         except (KeyError, TypeError, ValueError) as exc:

@@ -37,6 +37,7 @@ from taq.tracing.sites import linear_sites
 from taq.tracing.tracer import RecordingModule
 
 OBSERVERS = ("minmax", "percentile", "mse")
+CAPTURE_STREAM, TIMESTEP_STREAM, STATIC_STREAM = 0, 1, 2  # keep the subsampling seeds of the three draws apart
 FULL_PRECISION = 16  # bits that mean "not quantized" on the command line (W16 / A16)
 
 
@@ -182,7 +183,7 @@ def _activation_schedules(model: Model, cal: CalibrationSet, paths: dict[str, st
     try:
         with tqdm(total=len(batches), unit="batch", desc="calibrate activations", disable=not progress) as bar:
             for index, t in enumerate(timesteps):
-                captures = {site: _Capture(config.max_values, (config.seed, layer, index))
+                captures = {site: _Capture(config.max_values, (config.seed, CAPTURE_STREAM, layer, index))
                             for layer, site in enumerate(paths)}
                 model.mmdit.update_modules(tree_unflatten([
                     (path, RecordingModule(originals[path], captures[site].record, input=True))
@@ -192,11 +193,12 @@ def _activation_schedules(model: Model, cal: CalibrationSet, paths: dict[str, st
                     mx.eval(out, [piece for capture in captures.values() for piece in capture.pieces[-1]])
                     bar.update()
                 for layer, (site, capture) in enumerate(captures.items()):
-                    _observe(observations[site], capture, spec, config, seed=(config.seed, layer, index, -1))
+                    _observe(observations[site], capture, spec, config, seed=(config.seed, TIMESTEP_STREAM, layer, index))
     finally:
         model.mmdit.update_modules(tree_unflatten(list(originals.items())))
     sigmas = timestep_to_sigma(np.asarray(timesteps, dtype=np.float64))
-    return {site: _schedule(obs, sigmas, spec, config) for site, obs in observations.items()}
+    return {site: _schedule(obs, sigmas, spec, config, (config.seed, STATIC_STREAM, layer))
+            for layer, (site, obs) in enumerate(observations.items())}
 
 
 def _observe(obs: _Observations, capture: _Capture, spec: QuantSpec, config: QuantConfig, seed: tuple) -> None:
@@ -217,14 +219,13 @@ def _observe(obs: _Observations, capture: _Capture, spec: QuantSpec, config: Qua
     obs.samples.append(values)
 
 
-def _schedule(obs: _Observations, sigmas: np.ndarray, spec: QuantSpec, config: QuantConfig):
+def _schedule(obs: _Observations, sigmas: np.ndarray, spec: QuantSpec, config: QuantConfig, seed: tuple):
     if config.act_observer == "minmax":
         static = grid_from_range(min(obs.lows), max(obs.highs), spec)
     else:  # as many values as one timestep's observer sees, drawn from all of them
         union = np.concatenate(obs.samples)
         if union.size > config.max_values:
-            union = union[np.random.default_rng((config.seed, -1)).choice(union.size, config.max_values,
-                                                                          replace=False)]
+            union = union[np.random.default_rng(seed).choice(union.size, config.max_values, replace=False)]
         static = observe(mx.array(union), spec, config.act_observer, lower=config.percentiles[0],
                          upper=config.percentiles[1])
     scale, zero_point = (np.array(v) for v in zip(*obs.grids))
