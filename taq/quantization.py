@@ -97,9 +97,6 @@ def run_cli(args: argparse.Namespace) -> None:
     cal = load_calibration(args.calibration_file)
     model = load_model(args.model, checkpoint=args.checkpoint)
     check_calibration_fits(cal, model, args.calibration_file)
-    if config.act_bits is not None and config.num_samples > len(cal):
-        raise ValueError(f"--num-samples {config.num_samples} exceeds the {len(cal)} points of "
-                         f"{args.calibration_file}")
     quantization = calibrate_quantization(model, cal, config, calibration_path=args.calibration_file)
     save_quantization(output, quantization)
     print(f"wrote {config.label} ({len(quantization.layers)} layers) to {output} in "
