@@ -7,8 +7,9 @@ Activations: `num_samples` calibration points run through the full-precision mod
 a timestep (`taq.tracing.plan`, each point as its conditional and unconditional CFG rows), and every quantized
 Linear's input is captured. Per (layer, timestep) the observer sees that timestep's captured inputs: all of them
 for min and max, and a seeded uniform subsample of at most `max_values` values for the percentile and L_p
-observers (their cost grows with the data). The static grid is observed on the union of the per-timestep
-subsamples (min-max: on the exact per-timestep extremes). Weights: the observer per output channel or group.
+observers (their cost grows with the data). The static grid is observed on as many values drawn from the union of
+the per-timestep subsamples (min-max: on the exact extremes of all timesteps). Weights: the observer per output
+channel or group.
 """
 
 from __future__ import annotations
@@ -111,21 +112,40 @@ class QuantConfig:
 def calibrate_quantization(model: Model, cal: CalibrationSet, config: QuantConfig, *,
                            calibration_path=None, progress: bool = True) -> Quantization:
     """The weight and activation grids of every quantized layer of `model` under `config`."""
+    return calibrate_quantizations(model, cal, [config], calibration_path=calibration_path, progress=progress)[0]
+
+
+def calibrate_quantizations(model: Model, cal: CalibrationSet, configs: list[QuantConfig], *,
+                            calibration_path=None, progress: bool = True) -> list[Quantization]:
+    """One Quantization per config. Configurations that observe activations alike (same bits, observer, layers
+    and calibration sample) share one pass over the calibration set: their static, per-timestep and sigma-poly
+    grids all come from the same observations, so they differ only in how time is handled."""
     sites = linear_sites(model.mmdit)
-    chosen = select_layers(list(sites), config.layers, config.include_adaln)
-    bits = weight_bits(chosen, config.weight_bits, config.overrides, config.first_last_bits) \
-        if config.weight_bits is not None else {}
     modules = dict(model.mmdit.named_modules())
-    weights = {site: _weight_grid(modules[sites[site]].weight, config.weight_spec(bits[site]), config)
-               for site in chosen} if config.weight_bits is not None else {}
-    schedules = _activation_schedules(model, cal, {site: sites[site] for site in chosen}, config, progress) \
-        if config.act_bits is not None else {}
-    layers = {site: LayerQuantization(site, sites[site], config.weight_spec(bits[site]) if site in weights else None,
-                                      weights.get(site), schedules.get(site)) for site in chosen}
-    meta = {"label": config.label, "config": config.to_dict(), "model": model.name, "weights_id": model.weights_id,
-            "mmdit_config": model.mmdit.config.to_dict(), "calibration": _calibration_identity(cal, calibration_path),
-            "taq_version": taq.__version__, "mlx_version": mx.__version__}
-    return Quantization(layers, meta)
+    identity = _calibration_identity(cal, calibration_path)
+    observed: dict[tuple, dict[str, _Observations]] = {}
+    results = []
+    for config in configs:
+        chosen = select_layers(list(sites), config.layers, config.include_adaln)
+        bits = weight_bits(chosen, config.weight_bits, config.overrides, config.first_last_bits) \
+            if config.weight_bits is not None else {}
+        weights = {site: _weight_grid(modules[sites[site]].weight, config.weight_spec(bits[site]), config)
+                   for site in bits}
+        schedules = {}
+        if config.act_bits is not None:
+            key = (config.act_bits, config.act_observer, config.percentiles, tuple(chosen), config.num_samples,
+                   config.seed, config.batch_size, config.max_values)
+            if key not in observed:
+                observed[key] = _observe_activations(model, cal, {site: sites[site] for site in chosen}, config,
+                                                     progress)
+            schedules = _schedules(observed[key], config)
+        layers = {site: LayerQuantization(site, sites[site], config.weight_spec(bits[site]) if site in bits else None,
+                                          weights.get(site), schedules.get(site)) for site in chosen}
+        meta = {"label": config.label, "config": config.to_dict(), "model": model.name,
+                "weights_id": model.weights_id, "mmdit_config": model.mmdit.config.to_dict(),
+                "calibration": identity, "taq_version": taq.__version__, "mlx_version": mx.__version__}
+        results.append(Quantization(layers, meta))
+    return results
 
 
 def _calibration_identity(cal: CalibrationSet, path) -> dict:
@@ -166,14 +186,15 @@ class _Capture:
 class _Observations:
     """What one layer's captured inputs left behind, per calibrated timestep."""
 
+    sigmas: np.ndarray | None = None  # (T,) the calibrated sigmas, decreasing
     lows: list[float] = field(default_factory=list)
     highs: list[float] = field(default_factory=list)
     grids: list[tuple[float, float]] = field(default_factory=list)  # (scale, zero point)
     samples: list[np.ndarray] = field(default_factory=list)
 
 
-def _activation_schedules(model: Model, cal: CalibrationSet, paths: dict[str, str], config: QuantConfig,
-                          progress: bool) -> dict:
+def _observe_activations(model: Model, cal: CalibrationSet, paths: dict[str, str], config: QuantConfig,
+                         progress: bool) -> dict[str, _Observations]:
     batches = plan_batches(cal, config.num_samples, config.seed, config.batch_size)
     timesteps = sorted({batch.timestep for batch in batches}, reverse=True)
     spec = config.act_spec()
@@ -196,8 +217,13 @@ def _activation_schedules(model: Model, cal: CalibrationSet, paths: dict[str, st
                     _observe(observations[site], capture, spec, config, seed=(config.seed, TIMESTEP_STREAM, layer, index))
     finally:
         model.mmdit.update_modules(tree_unflatten(list(originals.items())))
-    sigmas = timestep_to_sigma(np.asarray(timesteps, dtype=np.float64))
-    return {site: _schedule(obs, sigmas, spec, config, (config.seed, STATIC_STREAM, layer))
+    for obs in observations.values():
+        obs.sigmas = timestep_to_sigma(np.asarray(timesteps, dtype=np.float64))
+    return observations
+
+
+def _schedules(observations: dict[str, _Observations], config: QuantConfig) -> dict:
+    return {site: _schedule(obs, config.act_spec(), config, (config.seed, STATIC_STREAM, layer))
             for layer, (site, obs) in enumerate(observations.items())}
 
 
@@ -219,7 +245,7 @@ def _observe(obs: _Observations, capture: _Capture, spec: QuantSpec, config: Qua
     obs.samples.append(values)
 
 
-def _schedule(obs: _Observations, sigmas: np.ndarray, spec: QuantSpec, config: QuantConfig, seed: tuple):
+def _schedule(obs: _Observations, spec: QuantSpec, config: QuantConfig, seed: tuple):
     if config.act_observer == "minmax":
         static = grid_from_range(min(obs.lows), max(obs.highs), spec)
     else:  # as many values as one timestep's observer sees, drawn from all of them
@@ -229,5 +255,5 @@ def _schedule(obs: _Observations, sigmas: np.ndarray, spec: QuantSpec, config: Q
         static = observe(mx.array(union), spec, config.act_observer, lower=config.percentiles[0],
                          upper=config.percentiles[1])
     scale, zero_point = (np.array(v) for v in zip(*obs.grids))
-    return fit_schedule(config.act_mode, spec.bits, sigmas, scale, zero_point, static.scale.item(),
+    return fit_schedule(config.act_mode, spec.bits, obs.sigmas, scale, zero_point, static.scale.item(),
                         static.zero_point.item(), config.poly_degree)
