@@ -19,8 +19,9 @@ levels qmin..qmax); a pair is one (row, width), all of whose candidates share s:
    pair, so most narrow windows go before any per-candidate work.
 
 4 drops pairs first; then 3 and 2 with growing tails and the totals, in the order of their cost per pair, drop
-candidates whose bound exceeds the best exact error; what is left undecided is evaluated densely. Only candidates with a lower
-bound above an exact error are dropped, so the argmin is brute force's up to the float32 rounding of the sums.
+candidates whose bound exceeds the best exact error; what is left undecided is evaluated densely. Only candidates
+with a lower bound above an exact error are dropped, so the argmin is brute force's up to the float32 rounding
+of the sums.
 """
 
 from __future__ import annotations
