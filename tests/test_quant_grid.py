@@ -54,6 +54,7 @@ def test_spec_levels():
     (dict(granularity="row"), "granularity must be one of"),
     (dict(granularity="group"), "group_size must be one of"),
     (dict(granularity="group", group_size=48), "group_size must be one of"),
+    (dict(granularity="group", group_size=64.0), "group_size must be one of"),
     (dict(granularity="channel", group_size=64), "only for granularity='group'"),
     (dict(anchor="max"), "anchor must be one of"),
     (dict(symmetric=True, anchor="min"), "asymmetric grids only"),

@@ -143,6 +143,26 @@ def test_pruned_search_equals_brute_force(seed, bits):
             assert np.all(chosen <= best * (1 + 1e-5) + 1e-30)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_mse_search_of_one_group_spanning_the_row_is_per_channel(group):
+    w = mx.array(sample(group, (5, group), "heavy"))
+    by_group = mse_search(w, QuantSpec(bits=4, granularity="group", group_size=group))
+    by_channel = mse_search(w, QuantSpec(bits=4, granularity="channel"))
+    assert np.array_equal(np.array(by_group.scale), np.array(by_channel.scale))
+    assert np.array_equal(np.array(by_group.zero_point), np.array(by_channel.zero_point))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_pruned_search_of_one_long_row_equals_brute_force(bits):
+    # Per-tensor activations: one long row, whose best grids clip hundreds of values (the longer tails' case).
+    x = mx.array(sample(bits, (1, 20_000), "gelu") * np.float32(1.5))
+    spec = QuantSpec(bits=bits)
+    s, z = search_candidates(x.min(axis=1), x.max(axis=1), spec)
+    fast = int(lp_argmin(x, s, z, spec.qmin, spec.qmax, P)[0])
+    table = np.array(error_table(x, s, z, spec.qmin, spec.qmax, P)).reshape(-1)
+    assert table[fast] <= table.min() * (1 + 1e-5)
+
+
 def test_mse_search_is_tensor_wide_about_one_sidedness():
     # One all-positive row in a two-sided weight still gets the 2-D candidates, as in TaQ-DiT.
     x = np.concatenate([sample(0, (1, 64), "positive") + 1.0, sample(1, (3, 64), "normal")])

@@ -75,7 +75,7 @@ class QuantSpec:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.granularity == "group":
-            if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+            if type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
                 raise ValueError(f"QuantSpec.group_size must be one of {GROUP_SIZES} for granularity='group', "
                                  f"got {self.group_size!r}")
         elif self.group_size is not None:

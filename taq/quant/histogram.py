@@ -92,12 +92,12 @@ def histogram_lp_error(counts, edges, params: QParams, spec: QuantSpec, p: float
     as points); shape counts.shape[:-1]."""
     counts, edges = _histograms(counts, edges)
     scale, zero_point = (as_float32(a).reshape(-1, 1) for a in params)
-    return (_bin_errors(counts, edges, scale, zero_point, spec, p) / sum_last(counts)).reshape(_batch_shape(params))
+    errors = _bin_errors(counts, edges[..., :-1], edges[..., 1:], scale, zero_point, spec, p)
+    return (errors / sum_last(counts)).reshape(_batch_shape(params))
 
 
-def _bin_errors(counts: mx.array, edges: mx.array, scale, zero_point, spec: QuantSpec, p: float) -> mx.array:
-    """Sum over bins of count * (mean error in the bin); counts (H, B), edges (H, B + 1), grids broadcast (H, 1)."""
-    a, b = edges[..., :-1], edges[..., 1:]
+def _bin_errors(counts: mx.array, a: mx.array, b: mx.array, scale, zero_point, spec: QuantSpec, p: float) -> mx.array:
+    """Sum over bins of count * (mean error in the bin): counts (..., B), bins [a, b] (..., B), grids broadcasting."""
     width = b - a
     mean = lp_integral(a, b, scale, zero_point, spec.qmin, spec.qmax, p) / mx.where(width > 0, width, 1.0)
     k = mx.clip(mx.round(a / scale) + zero_point, spec.qmin, spec.qmax)
@@ -165,16 +165,19 @@ def histogram_mse_search(counts, edges, spec: QuantSpec, p: float = P_DEFAULT, n
     scales, zero_points = search_candidates(lo, hi, spec, num, candidates, per_row_side=True)
     h, zc = counts.shape[0], zero_points.shape[-1]
     edges = mx.broadcast_to(edges, (h, counts.shape[-1] + 1))
+    filled = np.nonzero(np.array(mx.any(counts > 0, axis=0)))[0]  # empty bins add nothing: leave them out
+    counts = counts[:, mx.array(filled)]
+    a, b = edges[:, mx.array(filled)], edges[:, mx.array(filled + 1)]
     best = mx.full((h,), mx.inf)
     best_scale, best_zero = mx.zeros((h,)), mx.zeros((h,))
-    rows_per = max(1, _CHUNK // (zc * edges.shape[-1]))
+    rows_per = max(1, _CHUNK // (zc * filled.size))
     for i in range(num):  # ascending width, so a strict < keeps the first of ties
         s = scales[:, i]
         z = mx.broadcast_to(zero_points[:, i], (h, zc))
         errs = []
         for start in range(0, h, rows_per):
             part = slice(start, start + rows_per)
-            errs.append(_bin_errors(counts[part, None, :], edges[part, None, :], s[part, None, None],
+            errs.append(_bin_errors(counts[part, None, :], a[part, None, :], b[part, None, :], s[part, None, None],
                                     z[part, :, None], spec, p))  # (rows, Zc)
         errs = mx.concatenate(errs)
         j = mx.argmin(errs, axis=-1)

@@ -9,17 +9,19 @@ levels qmin..qmax); a pair is one (row, width), all of whose candidates share s:
    the pair's *total*, is computed once per pair, not per zero point.
 2. A candidate's error is that total plus, for each element it clips, (clipped error - in-lattice error) >= 0
    (a clipped element's nearest lattice point lies beyond the end level). Clipped elements are a row's smallest
-   and largest values: from the `tail` smallest and largest plus one more each (the sentinels), this sum is
-   exact when no sentinel is clipped, and a lower bound otherwise.
-3. Any candidate's error is at least its error on those 2 (tail + 1) extreme values alone.
+   and largest values: from its t smallest and largest plus one more each (the sentinels), this sum is exact
+   when no sentinel is clipped, and a lower bound otherwise. t = 1, then 32, 1024, ... (up to a quarter of the
+   row) for the candidates still undecided.
+3. Any candidate's error is at least its error on those 2 (t + 1) extreme values alone.
 4. Clipping the row's min (or max) by d costs at least d^p - (s/2)^p. Given an exact error U of some candidate
    (from the widest ones, whose windows hold the whole row), a candidate with its window more than
    (U + 2 (s/2)^p)^(1/p) inside the min or max cannot win: the zero points still in play form an interval per
    pair, so most narrow windows go before any per-candidate work.
 
-In that order: 4 drops pairs, 3 drops candidates, the totals of the remaining pairs make 2 exact or a bound,
-bounds above the best exact error drop, and what is left is evaluated densely. Only candidates with a lower
-bound above an exact error are dropped, so the argmin is brute force's up to the float32 rounding of the sums.
+4 drops pairs first; then 3 and 2 with growing tails and the totals, in the order of their cost per pair, drop
+candidates whose bound exceeds the best exact error; what is left undecided is evaluated densely. Only candidates
+with a lower bound above an exact error are dropped, so the argmin is brute force's up to the float32 rounding
+of the sums.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from taq.quant.grid import fake_quant_affine
 _CHUNK = 1 << 21  # elements per MLX temporary: bounds memory
 _TABLE = 1 << 23  # candidates per chunk of rows (one float32 and one bool each)
 _MIN_FAST_N = 16  # rows shorter than this are searched densely
-_MAX_TAIL = 32
+_TAIL_GROWTH = 32  # each tail this many times the last: 1, 32, 1024, ... up to a quarter of the row
 _SUM_BLOCK = 256
 
 
@@ -59,7 +61,10 @@ def lp_argmin(rows: mx.array, scales: mx.array, zero_points: mx.array, qmin: int
     """
     r, n = rows.shape
     num, zc = scales.shape[1], zero_points.shape[-1]
-    tail = max(1, min(_MAX_TAIL, n // 8 - 1))  # 2 (tail + 1) <= n / 4: the two ends never overlap
+    cap = max(1, n // 8 - 1)  # 2 (tail + 1) <= n / 4: the two ends never overlap
+    tails = [1]
+    while tails[-1] < cap:
+        tails.append(min(cap, tails[-1] * _TAIL_GROWTH))
     chunk = max(1, min(r, _CHUNK // n, _TABLE // (num * zc)))
     out = []
     for start in range(0, r, chunk):
@@ -69,7 +74,7 @@ def lp_argmin(rows: mx.array, scales: mx.array, zero_points: mx.array, qmin: int
         if n < _MIN_FAST_N:
             table = np.array(error_table(x, s, z, qmin, qmax, p))
         else:
-            table = _pruned_table(x, s, z, qmin, qmax, p, tail)
+            table = _pruned_table(x, s, z, qmin, qmax, p, tails)
         out.append(np.argmin(table.reshape(x.shape[0], num * zc), axis=1))
     return mx.array(np.concatenate(out).astype(np.int32))
 
@@ -94,17 +99,21 @@ def _lattice_error(x: mx.array, s: mx.array, p: float) -> mx.array:
     return mx.abs(mx.round(x / s) * s - x) ** p
 
 
-def _pruned_table(x: mx.array, s: mx.array, z: mx.array, qmin: int, qmax: int, p: float, tail: int) -> np.ndarray:
-    """`error_table`'s values (R, num, Zc) where they can be the minimum, +inf where they provably cannot."""
+def _pruned_table(x: mx.array, s: mx.array, z: mx.array, qmin: int, qmax: int, p: float,
+                  tails: list[int]) -> np.ndarray:
+    """`error_table`'s values (R, num, Zc) where they can be the minimum, +inf where they provably cannot.
+
+    tails: increasing; the first is applied to every pair left by 4, each later one only to pairs with
+    candidates still undecided.
+    """
     n, zc = x.shape[1], z.shape[-1]
-    k = tail + 1
+    k = tails[-1] + 1
     low = mx.sort(-mx.topk(-x, k, axis=1), axis=1)  # (R, k) ascending: low[:, -1] is the sentinel
     high = mx.sort(mx.topk(x, k, axis=1), axis=1)  # (R, k) ascending: high[:, 0] is the sentinel
     search = _Pruning(x, s, z, low, high, qmin, qmax, p)
-    # The filters, cheapest per pair first (a clip term costs about twice a total's term): 3 with the two
-    # outermost values, the totals of 2, 3 with all the extremes.
-    steps = [(8 * zc, "tail", 1), (n, "totals", None)] + ([(4 * k * zc + 1, "tail", tail)] if tail > 1 else [])
-    steps.sort()
+    # The filters, cheapest per pair first (a clip term costs about twice a total's term): 3 and 2 with the
+    # outermost two values, then longer tails, and the totals where their cost fits in.
+    steps = sorted([(4 * (t + 1) * zc + i, "tail", t) for i, t in enumerate(tails)] + [(n, "totals", None)])
     for _, step, t in steps:
         if step == "tail":
             search.tail(t)
@@ -117,7 +126,7 @@ class _Pruning:
     """The candidates of one chunk of rows still in play, and what is known about them (module docstring).
 
     Pairs are (row, width) = row * num + width index; per pair, `is_open` (P, Zc) marks the zero points in play.
-    `fix`/`exact` come from the longest tail evaluated so far, `total` once computed (NaN before).
+    `fix`/`exact` come from the longest tail evaluated for the pair, `total` once computed (NaN before).
     """
 
     def __init__(self, x, s, z, low, high, qmin, qmax, p):
@@ -130,7 +139,7 @@ class _Pruning:
 
         # An exact error per row: its best widest candidate (whose windows hold the row; inf if none is exact).
         widest = np.arange(rows) * self.num + self.num - 1
-        fix, exact, _ = _clip_terms(low, high, s[:, -1], self.z_of(widest), qmin, qmax, p)
+        fix, exact, _ = _clip_terms(low[:, :2], high[:, -2:], s[:, -1], self.z_of(widest), qmin, qmax, p)
         total = sum_last(_lattice_error(x, s[:, -1:], p))
         self.best = np.array(mx.min(mx.where(exact, total[:, None] + fix, mx.inf), axis=1))  # (R,)
 
@@ -140,9 +149,7 @@ class _Pruning:
         z_hi = np.broadcast_to(np.array(z.max(axis=-1)), (rows, self.num)).reshape(-1)
         self.z_lo, self.z_hi = z_lo, z_hi
         self.total = np.full(self.pairs.size, np.nan, np.float32)
-        self.fix = np.zeros((self.pairs.size, self.zc), np.float32)
-        self.exact = np.zeros((self.pairs.size, self.zc), bool)
-        self.is_open = None
+        self.fix = self.exact = self.is_open = None  # from the first tail on
         self._reach(np.zeros(self.pairs.size, np.float32))
 
     def _reach(self, total: np.ndarray) -> None:
@@ -167,25 +174,30 @@ class _Pruning:
                 setattr(self, name, getattr(self, name)[keep])
 
     def tail(self, t: int) -> None:
-        """3 and 2 from the t + 1 smallest and largest values: prune by the error on them, keep the clip terms."""
+        """3 and 2 from the t + 1 smallest and largest values: prune by the error on them, keep the clip terms.
+
+        The first tail looks at every pair; a later one only at pairs with candidates still only bounded.
+        """
         k, zc, num = self.low.shape[1], self.zc, self.num
-        size = self.pairs.size
-        fix, exact = np.empty((size, zc), np.float32), np.empty((size, zc), bool)
-        is_open = np.empty((size, zc), bool)
+        if self.is_open is None:
+            self.fix = np.empty((self.pairs.size, zc), np.float32)
+            self.exact = np.zeros((self.pairs.size, zc), bool)
+            self.is_open = np.ones((self.pairs.size, zc), bool)
+            todo = np.arange(self.pairs.size)
+        else:
+            todo = np.nonzero((self.is_open & ~self.exact).any(axis=1))[0]
         batch = max(1, _CHUNK // (2 * zc * (t + 1)))
-        for start in range(0, size, batch):
-            sel, part = self.pairs[start:start + batch], slice(start, start + batch)
+        for start in range(0, todo.size, batch):
+            part = todo[start:start + batch]
+            sel = self.pairs[part]
             z_sel, r_i = self.z_of(sel), mx.array(sel // num)  # (B, Zc), (B,)
             low, high, s = self.low[r_i, :t + 1], self.high[r_i, k - t - 1:], self.s_flat[mx.array(sel)]
             f, e, extremes = _clip_terms(low, high, s, z_sel, self.qmin, self.qmax, self.p)
             mx.eval(f, e, extremes)
             zs = np.array(z_sel)
-            fix[part], exact[part] = np.array(f), np.array(e)
-            is_open[part] = ((zs >= self.z_from[part, None]) & (zs <= self.z_to[part, None])
-                             & (np.array(extremes) <= self.best[sel // num][:, None]))
-        if self.is_open is not None:
-            is_open &= self.is_open
-        self.fix, self.exact, self.is_open = fix, exact, is_open
+            self.fix[part], self.exact[part] = np.array(f), np.array(e)
+            self.is_open[part] &= ((zs >= self.z_from[part, None]) & (zs <= self.z_to[part, None])
+                                   & (np.array(extremes) <= self.best[sel // num][:, None]))
         self._settle()
 
     def totals(self) -> None:
