@@ -10,13 +10,15 @@ from taq.formats import TaqFormatError
 from taq.formats.quantization import (LayerQuantization, Quantization, load_quantization, read_quantization_meta,
                                       save_quantization)
 from taq.quant.grid import QParams, QuantSpec
-from taq.quant.schedules import fit_schedule, zero_anchored_grid
+from taq.quant.grid import grid_from_range
+from taq.quant.schedules import fit_schedule
 
 SIGMAS = np.array([1.0, 0.6, 0.2])
 
 
 def sample_quantization(mode: str = "per-timestep") -> Quantization:
-    scale, zero_point = zero_anchored_grid(np.full(3, -0.17), np.array([3.0, 4.0, 6.0]), 255)
+    scale, zero_point = (np.array(v) for v in grid_from_range(np.full(3, -0.17), np.array([3.0, 4.0, 6.0]),
+                                                               QuantSpec(bits=8)))
     schedule = fit_schedule(mode, 8, SIGMAS, scale, zero_point, float(scale.max()), 7.0, degree=2)
     spec = QuantSpec(bits=4, granularity="group", group_size=32)
     weight = QParams(np.full((8, 2), 0.01, np.float32), np.full((8, 2), 7.0, np.float32))

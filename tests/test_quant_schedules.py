@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
-from taq.quant.schedules import fit_schedule, zero_anchored_grid
+from taq.quant.grid import QuantSpec, grid_from_range
+from taq.quant.schedules import fit_schedule
 from taq.sampling import flow_sigmas, select_steps
 
 FAST = settings(max_examples=60, deadline=None)
@@ -19,8 +20,8 @@ def observed(bits: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     lo = np.full(SIGMAS.size, -0.17)
     hi = 2.0 + 6.0 * (1 - SIGMAS) + rng.uniform(0, 0.2, SIGMAS.size)
-    scale, zero_point = zero_anchored_grid(lo, hi, 2**bits - 1)
-    return scale, zero_point
+    scale, zero_point = grid_from_range(lo, hi, QuantSpec(bits=bits))
+    return np.array(scale, np.float64), np.array(zero_point, np.float64)
 
 
 def grid(schedule, sigmas) -> tuple[np.ndarray, np.ndarray]:

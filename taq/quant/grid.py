@@ -210,15 +210,21 @@ def grid_from_range(lo, hi, spec: QuantSpec) -> QParams:
         return QParams(scale, mx.zeros_like(scale))
     if spec.anchor == "mlx":
         return _mlx_grid(lo, hi, n)
-    lo, hi = mx.minimum(lo, 0.0), mx.maximum(hi, 0.0)
-    scale = mx.maximum((hi - lo) / n, EPS)
-    zero_point = mx.clip(mx.round(-lo / scale), 0.0, n)
+    scale, zero_point = zero_anchored_grid(lo, hi, n)
     if spec.anchor == "min":
         z = mx.floor(-lo / scale)
         keep_min = z >= 1  # otherwise the negative side is shorter than a step: "zero"'s grid
         scale = mx.where(keep_min, -lo / mx.maximum(z, 1.0), scale)
         zero_point = mx.where(keep_min, z, zero_point)
     return QParams(scale, zero_point)
+
+
+def zero_anchored_grid(lo: mx.array, hi: mx.array, n: float) -> QParams:
+    """The asymmetric anchor="zero" grid of [lo, hi] with n steps, unchecked and with no host synchronisation (for
+    grids computed inside a forward): the range widened to contain 0, s = (hi - lo) / n, z = round(-lo / s)."""
+    lo, hi = mx.minimum(lo, 0.0), mx.maximum(hi, 0.0)
+    scale = mx.maximum((hi - lo) / n, EPS)
+    return QParams(scale, mx.clip(mx.round(-lo / scale), 0.0, n))
 
 
 def _mlx_grid(lo: mx.array, hi: mx.array, n: float) -> QParams:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from taq.quant.grid import zero_anchored_grid
+
 MODES = ("static", "per-timestep", "sigma-poly")
 DEFAULT_DEGREE = 3  # activation maxima of SD3 are smooth in sigma: degree 2-3 polynomials fit them (R^2 ~ 0.94)
 
@@ -79,8 +81,7 @@ class ActivationSchedule:
             index = mx.argmin(mx.abs(sigma[:, None] - calibrated[None, :]), axis=1)
             return mx.array(self.scale.astype(np.float32))[index], mx.array(self.zero_point.astype(np.float32))[index]
         s = mx.clip(sigma, float(self.sigmas[-1]), float(self.sigmas[0]))
-        lo, hi = _polyval(self.poly_lo, s), _polyval(self.poly_hi, s)
-        return zero_anchored_grid(lo, hi, self.qmax)
+        return zero_anchored_grid(_polyval(self.poly_lo, s), _polyval(self.poly_hi, s), self.qmax)
 
 
 def _polyval(coefficients: np.ndarray, x: mx.array) -> mx.array:
@@ -89,15 +90,6 @@ def _polyval(coefficients: np.ndarray, x: mx.array) -> mx.array:
     for c in coefficients[::-1]:
         result = result * x + float(c)
     return result
-
-
-def zero_anchored_grid(lo, hi, qmax: int):
-    """The asymmetric grid of [lo, hi] widened to contain 0: scale (hi - lo) / qmax, zero point round(-lo / s).
-    Works on NumPy and MLX arrays alike (TaQ-DiT's rule, `taq.quant.grid`'s anchor "zero")."""
-    module = mx if isinstance(lo, mx.array) else np
-    lo, hi = module.minimum(lo, 0.0), module.maximum(hi, 0.0)
-    scale = module.maximum((hi - lo) / qmax, 1e-8)
-    return scale, module.clip(module.round(-lo / scale), 0, qmax)
 
 
 def fit_schedule(mode: str, bits: int, sigmas: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
@@ -121,6 +113,7 @@ def fit_schedule(mode: str, bits: int, sigmas: np.ndarray, scale: np.ndarray, ze
     degree = min(degree, sigmas.size - 1)
     poly_lo = np.polynomial.polynomial.polyfit(sigmas, lo, degree)
     poly_hi = np.polynomial.polynomial.polyfit(sigmas, hi, degree)
-    fitted_scale, fitted_zp = zero_anchored_grid(np.polynomial.polynomial.polyval(sigmas, poly_lo),
-                                                 np.polynomial.polynomial.polyval(sigmas, poly_hi), 2**bits - 1)
+    # The applied grids at the calibrated sigmas, computed as grid_at computes them (float32, on the device).
+    fitted = ActivationSchedule(mode, bits, sigmas, scale, zero_point, lo, hi, poly_lo, poly_hi)
+    fitted_scale, fitted_zp = (np.array(v, np.float64) for v in fitted.grid_at(mx.array(sigmas.astype(np.float32))))
     return ActivationSchedule(mode, bits, sigmas, fitted_scale, fitted_zp, lo, hi, poly_lo, poly_hi)
