@@ -27,8 +27,8 @@ from taq.calibration import default_prompts
 from taq.formats import atomic_path
 from taq.formats.quantization import Quantization, load_quantization
 from taq.loading import DEFAULT_MODEL, Model, check_checkpoint_option, load_model
-from taq.quant.evaluation import (Run, Setup, frechet_distance, images01, layer_sqnr, paired_difference, psnr,
-                                  sample, step_error_summary, summary)
+from taq.quant.evaluation import (Run, Setup, frechet_distance, gap_recovered, images01, layer_sqnr,
+                                  paired_difference, psnr, sample, step_error_summary, summary)
 from taq.quant.modules import quantize_model
 from taq.quant.real import real_weights_model, supports_real_weights
 from taq.sampling import SD3_SHIFT
@@ -140,7 +140,8 @@ def _digit_scorer(setup: Setup):
 
 def _comparisons(quantizations: dict[str, Quantization], psnrs: dict[str, np.ndarray], seed: int) -> list[dict]:
     """Paired PSNR differences between configurations of the same bits that differ only in their activation grids
-    over time (per-timestep or sigma-poly minus static)."""
+    over time (per-timestep, sigma-poly and dynamic minus static), and, where the per-call dynamic reference ran,
+    the share of the static-to-dynamic gap each time-aware table recovers (with a paired bootstrap interval)."""
     by_bits: dict[tuple, dict[str, str]] = {}
     for label, quantization in quantizations.items():
         config = quantization.meta.get("config", {})
@@ -150,10 +151,14 @@ def _comparisons(quantizations: dict[str, Quantization], psnrs: dict[str, np.nda
     for modes in by_bits.values():
         if "static" not in modes:
             continue
-        for mode in ("per-timestep", "sigma-poly"):
+        static = psnrs[modes["static"]]
+        for mode in ("per-timestep", "sigma-poly", "dynamic"):
             if mode in modes:
-                out.append({"a": modes[mode], "b": modes["static"], "metric": "psnr_db",
-                            **paired_difference(psnrs[modes[mode]], psnrs[modes["static"]], seed)})
+                entry = {"a": modes[mode], "b": modes["static"], "metric": "psnr_db",
+                         **paired_difference(psnrs[modes[mode]], static, seed)}
+                if mode != "dynamic" and "dynamic" in modes:
+                    entry["gap_recovered"] = gap_recovered(psnrs[modes[mode]], static, psnrs[modes["dynamic"]], seed)
+                out.append(entry)
     return out
 
 

@@ -25,6 +25,7 @@ from mlx.utils import tree_unflatten
 
 from taq.formats.quantization import LayerQuantization, Quantization
 from taq.quant.grid import fake_quant, fake_quant_affine
+from taq.quant.schedules import dynamic_grid
 from taq.sampling.schedule import timestep_to_sigma
 
 
@@ -59,8 +60,8 @@ class QuantLinear(nn.Module):
             return x
         if self._sigma is None:
             raise RuntimeError(f"{self.layer.site}: called outside QuantizedModel (no timestep was handed over)")
-        scale, zero_point = act.grid_at(self._sigma)  # (B,) per row
-        shape = (-1,) + (1,) * (x.ndim - 1)
+        scale, zero_point = dynamic_grid(x, act.bits) if act.mode == "dynamic" else act.grid_at(self._sigma)
+        shape = (-1,) + (1,) * (x.ndim - 1)  # (B,) per row, or (1,) for the whole call
         return fake_quant_affine(x, scale.reshape(shape), zero_point.reshape(shape), 0, act.qmax)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -9,7 +9,9 @@ Three modes, all calibrated from the same per-timestep observations (`calibrate`
   observed there, and an interpolated zero point would not be an integer;
 - `sigma-poly`: the ends of the per-timestep grids, lo(sigma) and hi(sigma), fitted by least-squares polynomials
   of `degree` in sigma; any sigma (clamped to the calibrated span, so the polynomials never extrapolate) gets the
-  grid of [lo(sigma), hi(sigma)] by the asymmetric zero-anchored rule. Any sampler step count works.
+  grid of [lo(sigma), hi(sigma)] by the asymmetric zero-anchored rule. Any sampler step count works;
+- `dynamic`: the reference no table can beat: every call takes the min-max grid of its own input (`dynamic_grid`),
+  known only at run time. The file keeps the per-timestep grids beside it for comparison.
 
 `grid_at(sigma)` evaluates on the device with no host synchronisation, for a (B,) array of per-row sigmas, so
 CFG rows and batches mixing timesteps are all handled.
@@ -24,7 +26,7 @@ import numpy as np
 
 from taq.quant.grid import zero_anchored_grid
 
-MODES = ("static", "per-timestep", "sigma-poly")
+MODES = ("static", "per-timestep", "sigma-poly", "dynamic")
 DEFAULT_DEGREE = 3  # activation maxima of SD3 are smooth in sigma: degree 2-3 polynomials fit them (R^2 ~ 0.94)
 
 
@@ -76,12 +78,20 @@ class ActivationSchedule:
         if self.mode == "static":
             return (mx.full(sigma.shape, float(self.scale[0])), mx.full(sigma.shape, float(self.zero_point[0])))
         calibrated = mx.array(self.sigmas.astype(np.float32))
+        if self.mode == "dynamic":
+            raise ValueError("a dynamic schedule's grid comes from each call's input: use dynamic_grid(x)")
         if self.mode == "per-timestep":
             # argmin takes the first minimum: sigmas decrease, so a tie goes to the larger sigma.
             index = mx.argmin(mx.abs(sigma[:, None] - calibrated[None, :]), axis=1)
             return mx.array(self.scale.astype(np.float32))[index], mx.array(self.zero_point.astype(np.float32))[index]
         s = mx.clip(sigma, float(self.sigmas[-1]), float(self.sigmas[0]))
         return zero_anchored_grid(_polyval(self.poly_lo, s), _polyval(self.poly_hi, s), self.qmax)
+
+
+def dynamic_grid(x: mx.array, bits: int) -> tuple[mx.array, mx.array]:
+    """The min-max grid of one call's whole input x (the per-call dynamic reference), as (1,) arrays."""
+    scale, zero_point = zero_anchored_grid(mx.min(x).astype(mx.float32), mx.max(x).astype(mx.float32), 2**bits - 1)
+    return scale.reshape(1), zero_point.reshape(1)
 
 
 def _polyval(coefficients: np.ndarray, x: mx.array) -> mx.array:
@@ -104,7 +114,7 @@ def fit_schedule(mode: str, bits: int, sigmas: np.ndarray, scale: np.ndarray, ze
         T = sigmas.size
         return ActivationSchedule(mode, bits, sigmas, np.full(T, float(static_scale)),
                                   np.full(T, float(static_zero_point)), lo, hi, empty, empty)
-    if mode == "per-timestep":
+    if mode in ("per-timestep", "dynamic"):
         return ActivationSchedule(mode, bits, sigmas, scale, zero_point, lo, hi, empty, empty)
     if mode != "sigma-poly":
         raise ValueError(f"activation mode must be one of {MODES}, got {mode!r}")

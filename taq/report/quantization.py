@@ -143,10 +143,15 @@ def _table(doc: Mapping) -> str:
 def _comparisons(doc: Mapping) -> str:
     if not doc["comparisons"]:
         return '<p class="note">No pair of configurations differs only in its activation grids over time.</p>'
+    def recovered(c) -> str:
+        gap = c.get("gap_recovered")
+        return f"{gap['share']:.0%} [{gap['ci'][0]:.0%}, {gap['ci'][1]:.0%}]" if gap else ""
+
     rows = "".join(f"<tr><td>{_e(c['a'])} minus {_e(c['b'])}</td><td class=\"num\">{c['mean']:+.2f}</td>"
                    f"<td class=\"num\">[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]</td><td class=\"num\">{c['samples']}"
-                   "</td></tr>" for c in doc["comparisons"])
+                   f"</td><td class=\"num\">{_e(recovered(c))}</td></tr>" for c in doc["comparisons"])
     return ("<table><thead><tr><th>paired difference of PSNR (dB)</th><th>mean</th><th>95% CI</th><th>samples</th>"
+            "<th>share of the static-to-dynamic gap recovered [95% CI]</th>"
             f"</tr></thead><tbody>{rows}</tbody></table>")
 
 
