@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from taq.analysis.cells import display_order
-from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE
+from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE
+
+from characterization.registry import ALL_CLAIMS
 from taq.formats import atomic_path
 from taq.report.plots import save_figure
 
@@ -23,8 +25,8 @@ CLAIMS_DIR = "claims"
 
 
 def tally(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
-    """claim -> {holds: n, does not hold: n, unexpected: n} for every claim that has records, in CLAIMS order."""
-    counts = {claim: Counter() for claim in CLAIMS}
+    """claim -> {holds: n, does not hold: n, unexpected: n} for every claim that has records, in ALL_CLAIMS order."""
+    counts = {claim: Counter() for claim in ALL_CLAIMS}
     for record in records:
         counts.setdefault(record["claim"], Counter())[record["outcome"]] += 1
         counts[record["claim"]][UNEXPECTED] += not record.get("as_expected", True)
@@ -47,7 +49,7 @@ def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for claim, counts in tally(records).items():
         lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts[HOLDS]} | {counts[DOES_NOT_HOLD]} | "
-                     f"{counts[UNEXPECTED]} | {CLAIMS[claim].threshold:g} | {_cell(CLAIMS[claim].measure)} |")
+                     f"{counts[UNEXPECTED]} | {ALL_CLAIMS[claim].threshold:g} | {_cell(ALL_CLAIMS[claim].measure)} |")
     lines += ["", "| claim | layer | measured | threshold | outcome | expected | note |",
               "| --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in records:
@@ -55,7 +57,7 @@ def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
         lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {r['threshold']:g} | "
                      f"{outcome} | {r['expected']} | {_cell(r['note'])} |")
     lines += ["", f"## What each threshold encodes ({REFERENCE})", ""]
-    lines += [f"- **{name}** (>= {c.threshold:g}): {c.observation}" for name, c in CLAIMS.items()]
+    lines += [f"- **{name}** (>= {c.threshold:g}): {c.observation}" for name, c in ALL_CLAIMS.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -64,7 +66,7 @@ def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
     rows = [r for r in records if r["claim"] == claim]
     rows = [rows[i] for i in display_order([r["layer"] for r in rows])]
     values = np.array([r["measured"] for r in rows], dtype=np.float64)
-    threshold = CLAIMS[claim].threshold
+    threshold = ALL_CLAIMS[claim].threshold
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     shown = np.where(np.isfinite(values), values, np.nan)
@@ -74,7 +76,7 @@ def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
     ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(claim)
-    ax.set_title(f"{claim}: {CLAIMS[claim].measure}", fontsize=9, wrap=True)
+    ax.set_title(f"{claim}: {ALL_CLAIMS[claim].measure}", fontsize=9, wrap=True)
     outcomes = [Patch(color=color, label=o) for o, color in OUTCOME_COLORS.items()]
     ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
@@ -91,7 +93,7 @@ def write_claims(records: Sequence[Mapping], report_dir: Path, context: Mapping)
     written = [save_figure(claim_figure(records, claim), figures_dir / f"{claim}.png") for claim in tally(records)]
     document = {**context, "summary": tally(records),
                 "thresholds": {name: {"value": c.threshold, "measure": c.measure, "observation": c.observation}
-                               for name, c in CLAIMS.items()},
+                               for name, c in ALL_CLAIMS.items()},
                 "claims": [{k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in r.items()}
                            for r in records]}
     for name, text in (("claims.json", json.dumps(document, indent=2) + "\n"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
-from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, measure
+from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, Measurement, measure
 from taq.config import get_preset
 from taq.formats import atomic_path
 from taq.formats import calibration as calibration_format
@@ -24,6 +24,7 @@ from taq.recipes import Recipe, get_recipe
 from taq.tracing import mmdit_layer_paths
 
 from characterization.claims_table import tally, write_claims
+from characterization.registry import ALL_CLAIMS, QUANT_CLAIM_LAYERS
 from characterization.expectations import Expectations, expectations_path, load_expectations, updated
 from characterization.expectations import write_expectations
 
@@ -108,17 +109,17 @@ def pytest_generate_tests(metafunc):
     if marker is None or "layer" not in metafunc.fixturenames:
         return
     (claim,) = marker.args
-    if claim not in CLAIMS:
+    if claim not in ALL_CLAIMS:
         raise ValueError(f"{metafunc.function.__name__}: unknown claim {claim!r}")
     suite = metafunc.config.stash[SUITE]
     params = []
-    for layer in suite.layers:
+    for layer in (suite.layers if claim in CLAIMS else QUANT_CLAIM_LAYERS):
         marks = []
         if suite.expectations.expected(claim, layer) is False and not suite.update_expectations:
             then = suite.expectations.measured.get((claim, layer), "?")
             marks.append(pytest.mark.xfail(strict=True, reason=(
                 f"{expectations_path(suite.model_name).name} says it does not hold for this layer (measured {then} "
-                f"< {CLAIMS[claim].threshold:g} when written); if it now holds and that is intended, run with "
+                f"< {ALL_CLAIMS[claim].threshold:g} when written); if it now holds and that is intended, run with "
                 "--taq-update-expectations")))
         params.append(pytest.param(layer, id=layer, marks=marks))
     metafunc.parametrize("layer", params)
@@ -159,13 +160,14 @@ def stats_arrays(stats_file) -> dict:
 
 
 @pytest.fixture
-def check_claim(request, suite, stats_arrays):
-    """check_claim(layer): measure the test's claim (its `claim` marker) for the layer, put the row into the claims
-    table, fail if it does not hold."""
+def check_claim(request, suite):
+    """check_claim(layer[, result]): the test's claim (its `claim` marker) for the layer, measured from the
+    statistics unless a Measurement is given; its row goes into the claims table; fails if it does not hold."""
     claim = request.node.get_closest_marker("claim").args[0]
 
-    def check(layer: str) -> None:
-        result = measure(stats_arrays, layer, claim)
+    def check(layer: str, result: Measurement | None = None) -> None:
+        if result is None:
+            result = measure(request.getfixturevalue("stats_arrays"), layer, claim)
         expected = suite.expectations.expected(claim, layer)
         as_expected = suite.update_expectations or result.holds == (expected is not False)
         surprise = "" if as_expected else (
@@ -177,7 +179,7 @@ def check_claim(request, suite, stats_arrays):
         if result.holds:
             return
         message = (f"{claim} does not hold for {layer}: measured {result.value:.4g} < threshold "
-                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {CLAIMS[claim].observation}")
+                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {ALL_CLAIMS[claim].observation}")
         if suite.update_expectations:
             pytest.xfail(message)
         if expected is None:
@@ -211,7 +213,7 @@ def benchmark_results(config: pytest.Config) -> dict | None:
 def write_session_report(suite: Suite) -> None:
     benchmarks = benchmark_results(suite.config)
     records = list(suite.records.values())
-    if suite.stats is None and benchmarks is None:
+    if suite.stats is None and benchmarks is None and not records:
         return
     suite.report_dir.mkdir(parents=True, exist_ok=True)
     if benchmarks is not None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from taq.analysis.claims import CLAIMS
 from taq.formats import atomic_path
+
+from characterization.registry import ALL_CLAIMS
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parent / "expectations"
 
@@ -42,9 +43,9 @@ def load_expectations(path: Path) -> Expectations:
         return Expectations()
     data = json.loads(path.read_text(encoding="utf-8"))
     holds, measured = data.get("holds", {}), data.get("measured", {})
-    unknown = sorted(set(holds) - set(CLAIMS))
+    unknown = sorted(set(holds) - set(ALL_CLAIMS))
     if unknown:
-        raise ValueError(f"{path}: unknown claims {unknown} (known: {', '.join(CLAIMS)}); regenerate it with "
+        raise ValueError(f"{path}: unknown claims {unknown} (known: {', '.join(ALL_CLAIMS)}); regenerate it with "
                          "--taq-update-expectations")
     result = Expectations(meta={k: v for k, v in data.items() if k not in ("holds", "measured")})
     for claim, layers in holds.items():
@@ -70,13 +71,13 @@ def updated(previous: Expectations, records: Iterable[Mapping], meta: dict) -> E
 def write_expectations(path: Path, expectations: Expectations) -> None:
     def nested(values: Mapping[tuple[str, str], object]) -> dict:
         out: dict[str, dict] = {}
-        order = list(CLAIMS)
+        order = list(ALL_CLAIMS)
         for (claim, layer), value in sorted(values.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
             out.setdefault(claim, {})[layer] = value
         return out
 
     measured = {k: (round(v, 6) if math.isfinite(v) else str(v)) for k, v in expectations.measured.items()}
-    document = {**expectations.meta, "thresholds": {name: c.threshold for name, c in CLAIMS.items()},
+    document = {**expectations.meta, "thresholds": {name: c.threshold for name, c in ALL_CLAIMS.items()},
                 "holds": nested(expectations.holds), "measured": nested(measured)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

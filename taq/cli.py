@@ -40,6 +40,8 @@ STAGES = {
     "calibrate": ("taq.calibration", "phase 1: sample trajectories and write the calibration set"),
     "profile": ("taq.profiling", "phase 2: trace post-GELU FFN activations into statistics"),
     "plot": ("taq.report.plots", "figures and summary tables from a stats file"),
+    "quantize": ("taq.quantization", "phase 3: calibrate weight and time-aware activation grids into a file"),
+    "evaluate": ("taq.evaluate", "quantized vs full-precision sampling, paired, with intervals and a report"),
     "report": ("taq.pipeline", "the main job: calibrate, profile, measure the claims, write the HTML report"),
     "bench": ("taq.bench", "time one CFG step, untraced and traced, as JSON"),
 }

@@ -99,13 +99,13 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_MODEL = "pocket"
 
 
-def lookup(table: dict, name: str, what: str):
-    """table[name], or a ValueError naming the known entries ("unknown <what> 'x'; known <what>s: ...")."""
+def lookup(table: dict, name: str, what: str, plural: str | None = None):
+    """table[name], or a ValueError naming the known entries ("unknown <what> 'x'; known <plural>: ...")."""
     try:
         return table[name]
     except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; known {what}s: {', '.join(table)}") from None
+        raise ValueError(f"unknown {what} {name!r}; known {plural or what + 's'}: {', '.join(table)}") from None
 
 
 def get_preset(name: str) -> Preset:
-    return lookup(PRESETS, name, "model preset")
+    return lookup(PRESETS, name, "model preset", "presets")

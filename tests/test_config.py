@@ -35,7 +35,7 @@ def test_invalid_configs_name_the_bad_field(fields, message):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known model presets: .*pocket"):
+    with pytest.raises(ValueError, match="known presets: .*pocket"):
         get_preset("sd4")
 
 

@@ -3,13 +3,15 @@ TaqFormatError, or loads to exactly the content it had -- never another exceptio
 
 Each file kind is one `FileKind` in FILE_KINDS (a future kind, e.g. quantization files, is one more line):
 how to write a small valid file, taq's reader, and how many leading bytes the format protects. taq's own files
-protect every byte (.npz: zip's CRC-32 over each member; taq weights: their SHA-256 digest). An SD3 checkpoint
+protect every byte (.npz: zip's CRC-32 over each member; taq weights and quantization files: their SHA-256
+digest). An SD3 checkpoint
 has no checksum, so only its header is protected -- a changed byte inside a tensor is a valid file with another
 tensor -- while a cut anywhere must be refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,7 @@ from taq.calibration import calibrate
 from taq.config import MMDiTConfig
 from taq.formats import TaqFormatError
 from taq.formats.calibration import load_calibration
+from taq.formats.quantization import load_quantization, save_quantization
 from taq.formats.stats import load_stats, save_stats
 from taq.loading import load_model
 from taq.models.checkpoint import load_mmdit, load_sd3_checkpoint, save_mmdit, save_sd3_checkpoint
@@ -62,6 +65,12 @@ def write_sd3_checkpoint(path: Path) -> None:
     save_sd3_checkpoint(MMDiT(SMALL_MMDIT), path, dtype=mx.float16)
 
 
+def write_quantization(path: Path) -> None:
+    from test_quant_file import sample_quantization
+
+    save_quantization(path, sample_quantization())
+
+
 def write_taq_weights(path: Path) -> None:
     mx.random.seed(1)
     save_mmdit(path, MMDiT(SMALL_MMDIT), {"note": "fuzz"}, dtype=mx.float16)
@@ -79,6 +88,17 @@ def calibration_content(path: Path):
 def stats_content(path: Path):
     loaded = load_stats(path)
     return {**loaded.arrays, "meta": loaded.meta}
+
+
+def plain(value):
+    """Dataclasses and named tuples as dicts, recursively, down to arrays and scalars: comparable by `equal`."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {name: plain(item) for name, item in zip(value._fields, value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return np.asarray(value) if isinstance(value, mx.array) else value
 
 
 def parameters(model: MMDiT) -> dict:
@@ -102,6 +122,7 @@ FILE_KINDS = {
     "sd3 checkpoint": FileKind(write_sd3_checkpoint, lambda p: parameters(load_sd3_checkpoint(p)),
                                safetensors_protected),
     "taq weights": FileKind(write_taq_weights, lambda p: (parameters(load_mmdit(p)[0]), load_mmdit(p)[1])),
+    "quantization": FileKind(write_quantization, lambda p: plain(load_quantization(p))),
 }
 
 

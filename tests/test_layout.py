@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "taq"
-# Stages in flow order; a module may import its own stage and earlier ones, never a later one.
-FLOW = ["taq.sampling", "taq.calibration", "taq.tracing", "taq.profiling", "taq.analysis", "taq.report",
-        "taq.pipeline"]
+# Stages in flow order; a module may import its own stage and earlier ones, never a later one. The phase 3
+# commands (quantize, evaluate) and the main job sit above the report, which draws their results.
+FLOW = ["taq.sampling", "taq.calibration", "taq.tracing", "taq.profiling", "taq.analysis", "taq.quant", "taq.report",
+        "taq.quantization", "taq.evaluate", "taq.pipeline"]
 
 
 def module_name(path: Path) -> str:

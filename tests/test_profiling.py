@@ -14,7 +14,8 @@ from taq.formats.calibration import CalibrationSet, load_calibration
 from taq.formats.container import META_KEY, TaqFormatError, file_sha256, save_npz
 from taq.formats.stats import load_stats, save_stats
 from taq.loading import load_model
-from taq.profiling import ForwardBatch, batch_inputs, plan_batches, profile, sample_points
+from taq.profiling import profile
+from taq.tracing.plan import ForwardBatch, batch_inputs, plan_batches, sample_points
 from taq.tracing import ActivationStats, CellStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
 
 TANH_GELU_MIN = -0.17004075  # at x = -0.7525; float32 rounding of the activation may reach 1e-6 lower

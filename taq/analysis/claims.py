@@ -34,7 +34,7 @@ class Claim:
     threshold: float
     measure: str  # what the number is
     observation: str  # what TaQ-DiT observed that this threshold encodes
-    compute: Compute
+    compute: Compute | None  # None for claims measured on the model itself (taq.quant.claims)
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,16 @@ def load_npz(path: str | os.PathLike, *, kind: str, version: int, required: dict
     return arrays, meta
 
 
+def content_digest(record: str, tensors) -> str:
+    """SHA-256 of a metadata record (its JSON text) and of (name, dtype, shape, raw bytes) of every tensor, in
+    name order: what a .safetensors file of taq's stores, as it has no checksum of its own."""
+    digest = hashlib.sha256(record.encode())
+    for name, dtype, shape, data in sorted(tensors, key=lambda tensor: tensor[0]):
+        digest.update(f"\0{name}\0{dtype}\0{tuple(shape)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,7 +13,6 @@ their digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from taq.config import MMDiTConfig
 from taq.formats import TaqFormatError, atomic_path
+from taq.formats.container import content_digest
 from taq.models.mmdit import MMDiT
 
 SD3_PREFIX = "model.diffusion_model."
@@ -237,13 +237,10 @@ UNSIGNED = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}  # same-size 
 
 
 def weights_digest(arrays: dict[str, mx.array], record: str) -> str:
-    """SHA-256 of a metadata record (its JSON text) and of every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(record.encode())
-    for key in sorted(arrays):
-        value = arrays[key]
-        digest.update(f"\0{key}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
-        digest.update(np.array(value.view(UNSIGNED[value.dtype.size])).tobytes())
-    return digest.hexdigest()
+    """`content_digest` of MLX tensors (bfloat16 included, hashed through a same-size integer view)."""
+    return content_digest(record, ((key, str(value.dtype), value.shape,
+                                    np.array(value.view(UNSIGNED[value.dtype.size])).tobytes())
+                                   for key, value in arrays.items()))
 
 
 def save_taq_weights(path: str | os.PathLike, modules: dict[str, nn.Module], metadata: dict,

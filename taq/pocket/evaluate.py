@@ -37,12 +37,18 @@ def fit_digit_classifier(split: DigitSplit):
     from sklearn.linear_model import LogisticRegression
 
     classifier = LogisticRegression(C=10.0, max_iter=5000)
-    classifier.fit(_features(split.train_images), split.train_labels)
-    return classifier, float(classifier.score(_features(split.test_images), split.test_labels))
+    classifier.fit(pixel_features(split.train_images), split.train_labels)
+    return classifier, float(classifier.score(pixel_features(split.test_images), split.test_labels))
 
 
-def _features(images: np.ndarray) -> np.ndarray:
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """The classifier's input: (N, 8, 8) images in 0..16 as (N, 64) in 0..1."""
     return images.reshape(len(images), -1) / MAX_INTENSITY
+
+
+def digit_logits(classifier, images: np.ndarray) -> np.ndarray:
+    """(N, 10) the classifier's decision values: the feature space of taq's Frechet distances on pocket."""
+    return classifier.decision_function(pixel_features(images))
 
 
 def generate_digits(mmdit: Callable, text_encoder: TextEncoder, samples_per_class: int, steps: int = 100,
@@ -62,7 +68,7 @@ def generate_digits(mmdit: Callable, text_encoder: TextEncoder, samples_per_clas
 def score_samples(classifier, images: np.ndarray, samples_per_class: int) -> dict:
     """Overall and per-class accuracy of digit-major samples, with the full confusion matrix."""
     prompted = np.repeat(np.arange(NUM_CLASSES), samples_per_class)
-    predicted = classifier.predict(_features(images))
+    predicted = classifier.predict(pixel_features(images))
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)  # [prompted, predicted]
     np.add.at(confusion, (prompted, predicted), 1)
     return {"accuracy": float(np.mean(predicted == prompted)),

@@ -70,16 +70,18 @@ def mmdit_layer_paths(model: nn.Module, layers=None) -> dict[str, str]:
 
 
 class RecordingModule(nn.Module):
-    """Calls the wrapped module unchanged and passes its output to `record`."""
+    """Calls the wrapped module unchanged and passes its output (or, with `input=True`, its first argument) to
+    `record`."""
 
-    def __init__(self, module: nn.Module, record: Callable[[mx.array], None]):
+    def __init__(self, module: nn.Module, record: Callable[[mx.array], None], input: bool = False):
         super().__init__()
         self.module = module
         self._record = record
+        self._input = input
 
     def __call__(self, *args, **kwargs):
         out = self.module(*args, **kwargs)
-        self._record(out)
+        self._record(args[0] if self._input else out)
         return out
 
 
