@@ -56,7 +56,7 @@ from taq.distributed import (World, batch_ranges, check_agreement, collective_st
 from taq.errors import Interrupted
 from taq.formats import TaqFormatError, WriteError, check_input_file, check_output_path, check_outputs_spare_inputs
 from taq.formats.calibration import load_partial, partial_progress, save_calibration, save_partial
-from taq.loading import Model, check_model_options, load_model
+from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_model_options, number
 from taq.recipes import CalibrationRecipe
 from taq.sampling import RULES, CFGDenoiser, euler_steps, model_timesteps
@@ -199,6 +199,7 @@ def _sample_batches(model: Model, recipe: CalibrationRecipe, cs: np.ndarray, cs_
     cond_tokens, cond_pooled = mx.array(cs), mx.array(cs_pooled)
     uncond = (mx.array(uncond[0][None]), mx.array(uncond[1][None]))
     finished = 0
+    forward = model.forward()
     with tqdm(total=len(trajectories), initial=done, unit="traj", desc=desc, disable=not progress) as bar:
         for batch in batches:
             stop = finished + len(batch)
@@ -206,7 +207,7 @@ def _sample_batches(model: Model, recipe: CalibrationRecipe, cs: np.ndarray, cs_
                 finished = stop
                 continue
             rows = mx.array(np.asarray(batch) % cs.shape[0])
-            denoiser = CFGDenoiser(model.mmdit, (cond_tokens[rows], cond_pooled[rows]), uncond, recipe.cfg_scale)
+            denoiser = CFGDenoiser(forward, (cond_tokens[rows], cond_pooled[rows]), uncond, recipe.cfg_scale)
             noise = mx.array(np.stack([trajectory_noise(recipe.seed, i, latent_shape) for i in batch]))
             trajectories[finished:stop] = sample_selected_steps(denoiser, noise, sigmas, selected)
             # Rewrites every finished trajectory each time (simple and atomic; I/O ~ T^2 / B, small next to sampling).
@@ -280,7 +281,7 @@ def _fingerprint(recipe: CalibrationRecipe, model: Model, prompts: list[str], re
         digest.update(np.ascontiguousarray(array).tobytes())
     record = {**asdict(recipe), "model": model.name, "weights_id": model.weights_id,
               "random_weights": model.random_weights,
-              "dtype": str(model.mmdit.context_embedder.weight.dtype), "resolution": resolution,
+              "dtype": str(model.dtype), "resolution": resolution,
               "latent_shape": list(latent_shape), "prompts": prompts, "embeddings_sha256": digest.hexdigest()}
     return json.loads(json.dumps(record))
 
@@ -380,7 +381,7 @@ def run_cli(args: argparse.Namespace) -> None:
         {"--prompts": args.prompts, "--embeddings": args.embeddings, "--checkpoint": args.checkpoint})
 
     model = load_model(args.model, checkpoint=args.checkpoint, embeddings=args.embeddings,
-                       random_weights=args.random_weights)
+                       random_weights=args.random_weights, dtype=dtype_from_args(args))
     with fail_together("calibrate"):
         summary = calibrate(model, prompts, **asdict(recipe), resolution=resolution, output=output,
                             resume=not args.no_resume)

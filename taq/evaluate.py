@@ -26,7 +26,7 @@ import taq
 from taq.calibration import default_prompts
 from taq.formats import atomic_path, check_outputs_in_spare
 from taq.formats.quantization import Quantization, load_quantization
-from taq.loading import Model, check_model_options, load_model
+from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_model_options, number
 from taq.quant.evaluation import (Run, Setup, frechet_distance, gap_recovered, images01, layer_sqnr,
                                   paired_difference, psnr, sample, step_error_summary, summary)
@@ -62,7 +62,7 @@ def check_fits(quantization: Quantization, model: Model, source: str) -> None:
 def evaluate(model: Model, quantizations: dict[str, Quantization], setup: Setup, *, real_weights: bool = False,
              layer_errors: bool = True, progress: bool = True) -> tuple[dict, dict[str, Run]]:
     """The evaluation document and the runs (FP under "FP", then one per configuration label)."""
-    runs = {"FP": sample(model.mmdit, model.encode, setup, keep_trajectory=True, progress=progress,
+    runs = {"FP": sample(model.forward(), model.encode, setup, keep_trajectory=True, progress=progress,
                          desc="full precision")}
     arithmetic = {}
     for label, quantization in quantizations.items():
@@ -103,7 +103,7 @@ def document(model: Model, quantizations: dict[str, Quantization], setup: Setup,
         if pocket:
             entry["digits"] = digits(run.final, fp.final)
         configs.append(entry)
-    doc = {"model": model.name, "weights_id": model.weights_id, "setup": {**asdict(setup), "prompts": None,
+    doc = {"model": model.name, "weights_id": model.weights_id, "dtype": str(model.dtype), "setup": {**asdict(setup), "prompts": None,
            "num_samples": len(setup.prompts)}, "fp": {"seconds": round(fp.seconds, 2)}, "configs": configs,
            "comparisons": _comparisons(quantizations, psnrs, setup.seed), "taq_version": taq.__version__,
            "mlx_version": mx.__version__, "device": str(mx.default_device()),
@@ -224,7 +224,8 @@ def run_cli(args: argparse.Namespace) -> None:
         while label in quantizations:
             label += "'"
         quantizations[label] = (path, quantization)
-    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       dtype=dtype_from_args(args))
     for path, quantization in quantizations.values():
         check_fits(quantization, model, path)
     setup = Setup(evaluation_prompts(model, args.samples), latent_shape, args.steps, args.cfg_scale, args.shift,

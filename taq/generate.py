@@ -15,7 +15,7 @@ import numpy as np
 
 from taq.conditioning import UNCONDITIONAL_PROMPT
 from taq.formats import atomic_path, check_output_path, check_outputs_spare_inputs
-from taq.loading import check_model_options, load_model
+from taq.loading import check_model_options, dtype_from_args, load_model
 from taq.options import add_model_options, number
 from taq.sampling import SD3_SHIFT, CFGDenoiser, flow_sigmas, sample
 
@@ -28,7 +28,7 @@ def generate(model, prompts: list[str], *, steps: int = 100, cfg_scale: float = 
     shape = model.latent_shape(resolution or model.default_resolution)
     noise = np.stack([np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
                       for i in range(len(prompts))])
-    denoiser = CFGDenoiser(model.mmdit, model.encode(prompts), model.encode([UNCONDITIONAL_PROMPT]), scale=cfg_scale)
+    denoiser = CFGDenoiser(model.forward(), model.encode(prompts), model.encode([UNCONDITIONAL_PROMPT]), scale=cfg_scale)
     return np.array(sample(denoiser, mx.array(noise), flow_sigmas(steps, shift=shift)).astype(mx.float32))
 
 
@@ -69,7 +69,8 @@ def run_cli(args: argparse.Namespace) -> None:
     check_output_path(args.output)
     check_outputs_spare_inputs({"--output": args.output}, {"--checkpoint": args.checkpoint})
     started = time.perf_counter()
-    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       dtype=dtype_from_args(args))
     loaded = time.perf_counter() - started
     latents = generate(model, args.prompts, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     if args.output.suffix == ".png":

@@ -20,7 +20,25 @@ from taq.formats import file_sha256
 from taq.models.checkpoint import CheckpointError, load_sd3_checkpoint
 from taq.models.mmdit import MMDiT
 
-__all__ = ["DEFAULT_MODEL", "Model", "check_model_options", "load_model"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "Model", "check_model_options", "dtype_from_args", "load_model", "resolve_dtype"]
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def resolve_dtype(preset: Preset, choice: str = "auto") -> mx.Dtype:
+    """The compute dtype of a model. "auto": float32 on the CPU (its backend emulates half precision slowly) and
+    for models that ship their weights (pocket is small, and its baselines are float32); bfloat16 for SD3-size
+    models on GPUs (the benchmarks' dtype: SD3 Medium's published weights are float16, but post-GELU values of
+    several hundred and attention logits sit safer in bfloat16's float32-sized range)."""
+    if choice not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {choice!r}")
+    if choice != "auto":
+        return getattr(mx, choice)
+    return mx.bfloat16 if on_gpu() and not preset.ships_weights else mx.float32
 
 
 @dataclass
@@ -42,6 +60,16 @@ class Model:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(H, W, C) of the latent for a square image of `resolution` pixels."""
         return self.preset.latent_shape(resolution)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.mmdit.context_embedder.weight.dtype
+
+    def forward(self):
+        """The MMDiT as the real jobs call it: `mx.compile`d on GPUs (one fused graph per input shape, as
+        `taq bench` times it), eager on the CPU backend, whose compilation of each new shape costs more than it
+        saves. Call it again after swapping modules in: a compiled graph keeps the modules it was traced with."""
+        return mx.compile(self.mmdit) if on_gpu() else self.mmdit
 
 
 def check_model_options(name: str, checkpoint=None, random_weights: bool = False) -> Preset:
@@ -91,3 +119,8 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     if dtype is not None:
         mmdit.set_dtype(dtype)
     return Model(preset, mmdit, encoder, weights_id, random_weights)
+
+
+def dtype_from_args(args) -> mx.Dtype:
+    """The compute dtype the shared options (`taq.options.add_model_options`) ask for."""
+    return resolve_dtype(check_model_options(args.model, args.checkpoint, args.random_weights), args.dtype)

@@ -54,6 +54,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str = DEFAULT
     parser.add_argument("--random-weights", action="store_true",
                         help="seeded random weights for a preset without shipped weights (recorded in the output; "
                              "the numbers then describe no trained model)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="compute dtype; auto: float32 on the CPU and for pocket, bfloat16 for SD3-size models "
+                             "on GPUs (recorded in the output) (default: %(default)s)")
 
 
 def add_histogram_options(add: Callable, names: dict[str, str] = HISTOGRAM_OPTIONS) -> None:

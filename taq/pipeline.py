@@ -23,7 +23,7 @@ from taq.formats import TaqFormatError, check_outputs_in_spare
 from taq.formats import calibration as calibration_format
 from taq.formats import stats as stats_format
 from taq.formats.stats import StatsFile, load_stats
-from taq.loading import Model, check_model_options, load_model
+from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.profiling import profile
 from taq.recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
@@ -136,7 +136,8 @@ def run_cli(args) -> None:
         raise ValueError(f"--output-dir {args.output_dir} exists and is not a directory")
     for directory, patterns in ((args.output_dir, REPORT_FILES), (args.cache_dir, CACHE_FILES)):
         check_outputs_in_spare(directory, patterns, {"--checkpoint": args.checkpoint})
-    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       dtype=dtype_from_args(args))
     index = run_report(model, recipe, args.output_dir, args.cache_dir)
     print(f"report written in {time.perf_counter() - started:.0f} s:")
     print(index.resolve())

@@ -36,7 +36,7 @@ from taq.errors import Interrupted
 from taq.formats import WriteError, check_output_path, check_outputs_spare_inputs, file_sha256
 from taq.formats.calibration import CalibrationSet, load_calibration
 from taq.formats.stats import save_stats
-from taq.loading import Model, check_model_options, load_model
+from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
 from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches
@@ -146,7 +146,7 @@ def _stats_meta(model: Model, cal: CalibrationSet, calibration_path: str | os.Pa
         "model": model.name,
         "weights_id": model.weights_id,
         "random_weights": model.random_weights,
-        "dtype": str(model.mmdit.context_embedder.weight.dtype),
+        "dtype": str(model.dtype),
         "gelu": model.mmdit.config.gelu,
         "layer_paths": layer_paths,
         "seed": int(seed),
@@ -194,7 +194,8 @@ def run_cli(args: argparse.Namespace) -> None:
                                {"--calibration-file": args.calibration_file, "--checkpoint": args.checkpoint})
     cal = load_calibration(args.calibration_file)  # a bad file is reported before the model is loaded
 
-    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       dtype=dtype_from_args(args))
     with fail_together("profile"):
         summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
                            batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,

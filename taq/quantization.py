@@ -18,7 +18,7 @@ import time
 from taq.formats import check_output_path, check_outputs_spare_inputs
 from taq.formats.calibration import load_calibration
 from taq.formats.quantization import save_quantization
-from taq.loading import check_model_options, load_model
+from taq.loading import check_model_options, dtype_from_args, load_model
 from taq.options import add_model_options
 from taq.quant.calibration import FULL_PRECISION, OBSERVERS, QuantConfig, calibrate_quantization
 from taq.quant.grid import GROUP_SIZES
@@ -94,7 +94,8 @@ def run_cli(args: argparse.Namespace) -> None:
     check_outputs_spare_inputs({"--output": output},
                                {"--calibration-file": args.calibration_file, "--checkpoint": args.checkpoint})
     cal = load_calibration(args.calibration_file)
-    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    model = load_model(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       dtype=dtype_from_args(args))
     check_calibration_fits(cal, model, args.calibration_file)
     quantization = calibrate_quantization(model, cal, config, calibration_path=args.calibration_file)
     save_quantization(output, quantization)

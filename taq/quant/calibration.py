@@ -142,7 +142,8 @@ def calibrate_quantizations(model: Model, cal: CalibrationSet, configs: list[Qua
         layers = {site: LayerQuantization(site, sites[site], config.weight_spec(bits[site]) if site in bits else None,
                                           weights.get(site), schedules.get(site)) for site in chosen}
         meta = {"label": config.label, "config": config.to_dict(), "model": model.name,
-                "weights_id": model.weights_id, "mmdit_config": model.mmdit.config.to_dict(),
+                "weights_id": model.weights_id, "dtype": str(model.dtype),
+                "mmdit_config": model.mmdit.config.to_dict(),
                 "calibration": identity, "taq_version": taq.__version__, "mlx_version": mx.__version__}
         results.append(Quantization(layers, meta))
     return results
