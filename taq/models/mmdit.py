@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from taq.config import MMDiTConfig
-from taq.models.fused import GELU, gated_add, norm_modulate
+from taq.models.fused import GELU, attention, gated_add, norm_modulate
 
 # --------------------------------------------------------------------------- embedders
 
@@ -131,7 +131,7 @@ class JointBlock(nn.Module):
         x_mods = self.x_block.modulation(c)
         qkv = mx.concatenate([self.context_block.pre_attention(context, ctx_mods),
                               self.x_block.pre_attention(x, x_mods)], axis=3)  # text tokens first
-        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        out = attention(qkv[0], qkv[1], qkv[2], self.scale)
         B, _, L, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         n_ctx = context.shape[1]
