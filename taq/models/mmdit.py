@@ -6,8 +6,9 @@ activation is its own module (`joint_blocks.N.{x,context}_block.mlp.act`) so a t
 
 adaLN modulation is recomputed from (timestep, pooled text) on every call: it never replaces weights, and it is
 exact by construction. The forward has no host synchronization, so it can be wrapped in `mx.compile`. Its
-memory-bound steps (LayerNorm + modulation, gated residuals, GELU) are `taq.models.fused` ops: CUDA kernels on
-NVIDIA GPUs, plain MLX ops elsewhere.
+memory-bound steps (LayerNorm + modulation, gated residuals, GELU) and the attention are `taq.models.fused` ops:
+CUDA kernels on NVIDIA GPUs, vectorizable arithmetic forms of the tanh GELU and the softmax on the CPU, plain
+MLX ops elsewhere.
 """
 
 from __future__ import annotations
