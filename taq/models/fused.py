@@ -3,7 +3,9 @@ plain MLX ops everywhere else.
 
 MLX's own op sequences for LayerNorm + modulation, the gated residuals and the tanh GELU read and write each
 activation several times; the kernels below read each input once, compute in float32 and round once (timings:
-docs/benchmarks/README.md). The fallbacks are the exact op sequences the CPU baselines were recorded with.
+docs/benchmarks/README.md). Elsewhere they fall back to MLX ops, except on the CPU, where MLX evaluates tanh and
+exp with scalar libm calls: there the tanh GELU and the attention's softmax use rational / polynomial forms that
+mx.compile turns into vectorized loops (`gelu_tanh_cpu`, `softmax_cpu`), within 1.5e-6 of float64.
 """
 
 from __future__ import annotations
@@ -127,6 +129,106 @@ def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+# tanh(u(a)) ~ a P(a^2) / Q(a^2) on [0, 11], u(a) = sqrt(2/pi) (a + 0.044715 a^3): ascending coefficients from
+# scripts/fit_cpu_approximations.py (3e-7 in float64; a little above 1 past GELU_CLAMP - 0.5, so capping it gives 1).
+GELU_TANH_P = (0.79788456080286541, 0.066233642292083228, 0.0084937068332588267, 0.00036777564177922008,
+               2.4317276851645258e-05, 2.7265453687485786e-07, 2.2260300271468591e-10)
+GELU_TANH_Q = (1.0, 0.2505012391780424, 0.027032144402337199, 0.0016995035128299224, 0.0001079219618512505,
+               3.3609014861472757e-06, 1.2012951851106035e-08)
+GELU_CLAMP = 5.5  # |x| beyond which the float32 tanh GELU equals relu(x)
+
+
+def _relu(d: mx.array) -> mx.array:
+    """max(d, 0) from arithmetic only (exact), so that g++ vectorizes the fused loop; maximum's NaN branch does not."""
+    return 0.5 * d + 0.5 * mx.abs(d)
+
+
+def _poly(c: tuple[float, ...], s: mx.array) -> mx.array:
+    """sum c[i] s^i for 7 coefficients by Estrin's scheme: shallow, so MLX fuses it into one kernel."""
+    s2 = s * s
+    s4 = s2 * s2
+    return (c[0] + c[1] * s) + s2 * (c[2] + c[3] * s) + s4 * ((c[4] + c[5] * s) + s2 * c[6])
+
+
+@mx.compile
+def _clamped_abs(x: mx.array) -> mx.array:
+    """min(|x|, GELU_CLAMP), or 0 past 2**24 * GELU_CLAMP where the subtraction rounds away; both give relu(x)."""
+    a = mx.abs(x)
+    return a - _relu(a - GELU_CLAMP)
+
+
+@mx.compile
+def _tanh_u(ac: mx.array) -> mx.array:
+    return ac * _poly(GELU_TANH_P, ac * ac) / _poly(GELU_TANH_Q, ac * ac)
+
+
+@mx.compile
+def _gelu_from_tanh(x: mx.array, ac: mx.array, t: mx.array) -> mx.array:
+    t = t - _relu(t - 1.0)  # tanh <= 1: the negative lobe keeps its sign, saturation gives relu(x) exactly
+    return 0.5 * x + 0.5 * mx.abs(x) - (0.5 * ac) * (1.0 - t)
+
+
+def gelu_tanh_cpu(x: mx.array) -> mx.array:
+    """SD3's tanh GELU for the CPU as relu(x) - |x| (1 - tanh(u(|x|))) / 2, with a rational tanh (float32 inside).
+
+    MLX's CPU backend computes tanh with a scalar libm call per element; this form uses +, *, / and abs only,
+    which the g++ behind mx.compile vectorizes. Max abs error 1.4e-6 against float64 (MLX's own float32 form: 4e-7);
+    never below the float32 GELU minimum; +-inf give NaN. Three fused kernels: `mx.contiguous` (free, the
+    arrays are contiguous) keeps an enclosing mx.compile from re-fusing them, which it splits into many more.
+    """
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    ac = mx.contiguous(_clamped_abs(x))
+    t = mx.contiguous(_tanh_u(ac))
+    return _gelu_from_tanh(x, ac, t).astype(dtype)
+
+
+# 2**f on [-0.5, 0.5], ascending, from scripts/fit_cpu_approximations.py (relative error 2e-9 in float64).
+EXP2 = (1.0, 0.69314720284480491, 0.24022647914110828, 0.055503324947235054, 0.0096184373874401152,
+        0.0013398864757894636, 0.00015353328783769774)
+LOG2_E = 1.4426950408889634
+ROUND_TO_INT = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds y to the nearest integer for |y| < 2**22
+
+
+@mx.compile
+def _exp2_parts(scores: mx.array, row_max: mx.array, scale: mx.array) -> tuple[mx.array, mx.array]:
+    """2**y, y = (scores - row_max) * scale <= 0, as (2**f, the float32 bit pattern of 2**k), y = k + f."""
+    y = (scores - row_max) * scale
+    y = y + _relu(-126.0 - y)  # 2**-126, the smallest normal float: the exponent field stays valid
+    k = (y + ROUND_TO_INT) - ROUND_TO_INT
+    f = y - k
+    p = _poly(EXP2, f)
+    return p, mx.left_shift(k.astype(mx.int32) + 127, 23)
+
+
+@mx.compile
+def _times(a: mx.array, b: mx.array) -> mx.array:
+    return a * b
+
+
+def softmax_cpu(scores: mx.array, scale: float) -> mx.array:
+    """softmax(scale * scores) over the last axis, with exp built from vectorizable arithmetic and a bit shift.
+
+    MLX's CPU softmax spends most of its time in scalar exp calls. Within 1e-6 of float64, as mx.softmax.
+    """
+    row_max = mx.max(scores, axis=-1, keepdims=True)
+    p, bits = _exp2_parts(scores, row_max, mx.array(scale * LOG2_E, dtype=scores.dtype))
+    e = _times(p, mx.view(bits, mx.float32))
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(scale q k^T) v over (B, heads, L, head_dim): MLX's fused SDPA, or on the CPU (float32) two
+    matmuls around `softmax_cpu` (MLX's CPU SDPA runs the same matmuls around its scalar-exp softmax)."""
+    if not (_on_cpu() and q.dtype == mx.float32):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    return softmax_cpu(q @ k.swapaxes(-1, -2), scale) @ v
+
+
 class GELU(nn.Module):
     """GELU in SD3's tanh form ("tanh") or exact ("exact"); its own module so that a tracer can wrap it."""
 
@@ -137,10 +239,13 @@ class GELU(nn.Module):
         self.form = form
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not _use_kernel(x):
-            return nn.gelu_approx(x) if self.form == "tanh" else nn.gelu(x)
-        return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
-            inputs=[x], template=[("T", x.dtype), ("TANH", self.form == "tanh")],
-            grid=(x.size // VEC, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
-
+        if _use_kernel(x):
+            return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
+                inputs=[x], template=[("T", x.dtype), ("TANH", self.form == "tanh")],
+                grid=(x.size // VEC, 1, 1), threadgroup=(THREADS, 1, 1),
+                output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        if self.form == "exact":
+            return nn.gelu(x)
+        if _on_cpu() and x.dtype != mx.float64:
+            return gelu_tanh_cpu(x)
+        return nn.gelu_approx(x)

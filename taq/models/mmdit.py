@@ -6,8 +6,9 @@ activation is its own module (`joint_blocks.N.{x,context}_block.mlp.act`) so a t
 
 adaLN modulation is recomputed from (timestep, pooled text) on every call: it never replaces weights, and it is
 exact by construction. The forward has no host synchronization, so it can be wrapped in `mx.compile`. Its
-memory-bound steps (LayerNorm + modulation, gated residuals, GELU) are `taq.models.fused` ops: CUDA kernels on
-NVIDIA GPUs, plain MLX ops elsewhere.
+memory-bound steps (LayerNorm + modulation, gated residuals, GELU) and the attention are `taq.models.fused` ops:
+CUDA kernels on NVIDIA GPUs, vectorizable arithmetic forms of the tanh GELU and the softmax on the CPU, plain
+MLX ops elsewhere.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from taq.config import MMDiTConfig
-from taq.models.fused import GELU, gated_add, norm_modulate
+from taq.models.fused import GELU, attention, gated_add, norm_modulate
 
 # --------------------------------------------------------------------------- embedders
 
@@ -131,7 +132,7 @@ class JointBlock(nn.Module):
         x_mods = self.x_block.modulation(c)
         qkv = mx.concatenate([self.context_block.pre_attention(context, ctx_mods),
                               self.x_block.pre_attention(x, x_mods)], axis=3)  # text tokens first
-        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        out = attention(qkv[0], qkv[1], qkv[2], self.scale)
         B, _, L, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         n_ctx = context.shape[1]
