@@ -10,8 +10,12 @@ import os
 
 
 def raise_cpu_cache_limit() -> int | None:
-    """Set the CPU allocator's cache limit to a quarter of physical memory; return it (None off the CPU)."""
-    import mlx.core as mx  # only after taq._blas has loaded OpenBLAS
+    """Set the CPU allocator's cache limit to a quarter of physical memory; return it (None off the CPU, or
+    without MLX: taq.analysis and the file formats work without it)."""
+    try:
+        import mlx.core as mx  # only after taq._blas has loaded OpenBLAS
+    except ImportError:
+        return None
 
     if mx.default_device().type != mx.DeviceType.cpu:
         return None

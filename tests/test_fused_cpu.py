@@ -1,4 +1,4 @@
-"""The CPU paths of taq.models.fused (rational tanh GELU, softmax with an arithmetic exp, attention) against the
+"""The CPU paths of taq.models.fused (tanh GELU and softmax with an arithmetic exp, attention) against the
 reference formulations, in float64 where it matters."""
 
 import taq  # noqa: F401  (first: loads a fast BLAS before mlx.core)
@@ -32,6 +32,22 @@ def test_cpu_gelu_is_relu_past_the_clamp_and_for_huge_values():
     x = np.array([5.5, 6.0, 9.0, 1e3, 1e8, 3e8, 1e30, 3.4e38], dtype=np.float32)
     np.testing.assert_array_equal(np.array(fused.gelu_tanh_cpu(mx.array(x))), x)
     np.testing.assert_array_equal(np.array(fused.gelu_tanh_cpu(mx.array(-x))), np.zeros_like(x))
+
+
+def test_cpu_gelu_has_exact_zeros_where_mlx_float32_form_has_them_and_its_gradient():
+    x = mx.array(np.linspace(-8, 0, 800_001, dtype=np.float32))
+    ours, ref = np.array(fused.gelu_tanh_cpu(x)), np.array(nn.gelu_approx(x))
+    np.testing.assert_array_equal(ours == 0, ref == 0)
+    assert (ref == 0).any() and (ref != 0).any()
+    grad = mx.grad(lambda v: fused.gelu_tanh_cpu(v).sum())(x)
+    np.testing.assert_array_equal(np.array(grad), np.array(mx.grad(lambda v: nn.gelu_approx(v).sum())(x)))
+
+
+def test_cpu_softmax_gradient_matches_mlx():
+    scores, weights = (mx.random.normal((2, 3, 40), key=mx.random.key(i)) for i in (3, 4))
+    ours = mx.grad(lambda s: (fused.softmax_cpu(s, 0.3) * weights).sum())(scores)
+    ref = mx.grad(lambda s: (mx.softmax(0.3 * s, axis=-1) * weights).sum())(scores)
+    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-7)
 
 
 def test_cpu_gelu_propagates_nan_and_keeps_16_bit_dtypes():

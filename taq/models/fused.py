@@ -4,7 +4,7 @@ plain MLX ops everywhere else.
 MLX's own op sequences for LayerNorm + modulation, the gated residuals and the tanh GELU read and write each
 activation several times; the kernels below read each input once, compute in float32 and round once (timings:
 docs/benchmarks/README.md). Elsewhere they fall back to MLX ops, except on the CPU, where MLX evaluates tanh and
-exp with scalar libm calls: there the tanh GELU and the attention's softmax use rational / polynomial forms that
+exp with scalar libm calls: there the tanh GELU and the attention's softmax use an arithmetic exp (polynomial and bit shift) that
 mx.compile turns into vectorized loops (`gelu_tanh_cpu`, `softmax_cpu`), within 1.5e-6 of float64.
 """
 
@@ -133,13 +133,13 @@ def _on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-# tanh(u(a)) ~ a P(a^2) / Q(a^2) on [0, 11], u(a) = sqrt(2/pi) (a + 0.044715 a^3): ascending coefficients from
-# scripts/fit_cpu_approximations.py (3e-7 in float64; a little above 1 past GELU_CLAMP - 0.5, so capping it gives 1).
-GELU_TANH_P = (0.79788456080286541, 0.066233642292083228, 0.0084937068332588267, 0.00036777564177922008,
-               2.4317276851645258e-05, 2.7265453687485786e-07, 2.2260300271468591e-10)
-GELU_TANH_Q = (1.0, 0.2505012391780424, 0.027032144402337199, 0.0016995035128299224, 0.0001079219618512505,
-               3.3609014861472757e-06, 1.2012951851106035e-08)
 GELU_CLAMP = 5.5  # |x| beyond which the float32 tanh GELU equals relu(x)
+SQRT_2_OVER_PI = 0.7978845608028654
+# 2**f on [-0.5, 0.5], ascending, from scripts/fit_cpu_approximations.py (relative error 2e-9 in float64).
+EXP2 = (1.0, 0.69314720284480491, 0.24022647914110828, 0.055503324947235054, 0.0096184373874401152,
+        0.0013398864757894636, 0.00015353328783769774)
+LOG2_E = 1.4426950408889634
+ROUND_TO_INT = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds y to the nearest integer for |y| < 2**22
 
 
 def _relu(d: mx.array) -> mx.array:
@@ -154,6 +154,14 @@ def _poly(c: tuple[float, ...], s: mx.array) -> mx.array:
     return (c[0] + c[1] * s) + s2 * (c[2] + c[3] * s) + s4 * ((c[4] + c[5] * s) + s2 * c[6])
 
 
+def _exp2_parts(y: mx.array) -> tuple[mx.array, mx.array]:
+    """2**y for y <= 0 as (2**f, the float32 bit pattern of 2**k), y = k + f; y below -126 (the smallest normal
+    float's exponent) counts as -126, so that the exponent field stays valid."""
+    y = y + _relu(-126.0 - y)
+    k = (y + ROUND_TO_INT) - ROUND_TO_INT
+    return _poly(EXP2, y - k), mx.left_shift(k.astype(mx.int32) + 127, 23)
+
+
 @mx.compile
 def _clamped_abs(x: mx.array) -> mx.array:
     """min(|x|, GELU_CLAMP), or 0 past 2**24 * GELU_CLAMP where the subtraction rounds away; both give relu(x)."""
@@ -162,47 +170,44 @@ def _clamped_abs(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def _tanh_u(ac: mx.array) -> mx.array:
-    return ac * _poly(GELU_TANH_P, ac * ac) / _poly(GELU_TANH_Q, ac * ac)
+def _gelu_exp2_parts(ac: mx.array) -> tuple[mx.array, mx.array]:
+    """exp(-2 u(a)) for u(a) = sqrt(2/pi) (a + 0.044715 a^3), a >= 0."""
+    return _exp2_parts(-2.0 * LOG2_E * SQRT_2_OVER_PI * (ac + 0.044715 * ac * ac * ac))
 
 
 @mx.compile
-def _gelu_from_tanh(x: mx.array, ac: mx.array, t: mx.array) -> mx.array:
-    t = t - _relu(t - 1.0)  # tanh <= 1: the negative lobe keeps its sign, saturation gives relu(x) exactly
-    return 0.5 * x + 0.5 * mx.abs(x) - (0.5 * ac) * (1.0 - t)
+def _gelu_from_exp(x: mx.array, ac: mx.array, p: mx.array, two_k: mx.array) -> mx.array:
+    e = p * two_k
+    deficit = 2.0 * e / (1.0 + e)  # 1 - tanh(u(a)), to full relative precision
+    deficit = (deficit + 0.5) - 0.5  # onto float32's grid of 1 + tanh(u(-a)): 0 wherever that tanh rounds to -1
+    return _relu(x) - (0.5 * ac) * deficit
 
 
+@mx.custom_function
 def gelu_tanh_cpu(x: mx.array) -> mx.array:
-    """SD3's tanh GELU for the CPU as relu(x) - |x| (1 - tanh(u(|x|))) / 2, with a rational tanh (float32 inside).
+    """SD3's tanh GELU for the CPU as relu(x) - |x| (1 - tanh(u(|x|))) / 2, with 1 - tanh from an arithmetic exp.
 
-    MLX's CPU backend computes tanh with a scalar libm call per element; this form uses +, *, / and abs only,
-    which the g++ behind mx.compile vectorizes. Max abs error 1.4e-6 against float64 (MLX's own float32 form: 4e-7);
-    never below the float32 GELU minimum; +-inf give NaN. Three fused kernels: `mx.contiguous` (free, the
-    arrays are contiguous) keeps an enclosing mx.compile from re-fusing them, which it splits into many more.
+    MLX's CPU backend computes tanh with a scalar libm call per element; this form uses +, *, /, abs and a bit
+    shift, which the g++ behind mx.compile vectorizes. The deficit 1 - tanh is rounded onto the grid that float32
+    gives 1 + tanh(u) in the reference form 0.5 x (1 + tanh(u(x))), so the negative tail turns into exact zeros
+    where MLX's and PyTorch's float32 GELU do (x below about -5.16): the exact-zero counter measures the same
+    thing on every backend. Max abs error 1.5e-6 against float64; +-inf give NaN. Gradients are MLX's own form's.
     """
     dtype = x.dtype
     x = x.astype(mx.float32)
     ac = mx.contiguous(_clamped_abs(x))
-    t = mx.contiguous(_tanh_u(ac))
-    return _gelu_from_tanh(x, ac, t).astype(dtype)
+    p, bits = _gelu_exp2_parts(ac)
+    return _gelu_from_exp(x, ac, p, mx.view(bits, mx.float32)).astype(dtype)
 
 
-# 2**f on [-0.5, 0.5], ascending, from scripts/fit_cpu_approximations.py (relative error 2e-9 in float64).
-EXP2 = (1.0, 0.69314720284480491, 0.24022647914110828, 0.055503324947235054, 0.0096184373874401152,
-        0.0013398864757894636, 0.00015353328783769774)
-LOG2_E = 1.4426950408889634
-ROUND_TO_INT = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds y to the nearest integer for |y| < 2**22
+@gelu_tanh_cpu.vjp
+def _gelu_tanh_cpu_vjp(x, cotangent, output):
+    return mx.vjp(nn.gelu_approx, [x], [cotangent])[1][0]
 
 
 @mx.compile
-def _exp2_parts(scores: mx.array, row_max: mx.array, scale: mx.array) -> tuple[mx.array, mx.array]:
-    """2**y, y = (scores - row_max) * scale <= 0, as (2**f, the float32 bit pattern of 2**k), y = k + f."""
-    y = (scores - row_max) * scale
-    y = y + _relu(-126.0 - y)  # 2**-126, the smallest normal float: the exponent field stays valid
-    k = (y + ROUND_TO_INT) - ROUND_TO_INT
-    f = y - k
-    p = _poly(EXP2, f)
-    return p, mx.left_shift(k.astype(mx.int32) + 127, 23)
+def _softmax_exp2_parts(scores: mx.array, row_max: mx.array, scale: mx.array) -> tuple[mx.array, mx.array]:
+    return _exp2_parts((scores - row_max) * scale)
 
 
 @mx.compile
@@ -210,15 +215,28 @@ def _times(a: mx.array, b: mx.array) -> mx.array:
     return a * b
 
 
+@mx.custom_function
+def _softmax_cpu(scores: mx.array, scale: mx.array) -> mx.array:
+    row_max = mx.max(scores, axis=-1, keepdims=True)
+    p, bits = _softmax_exp2_parts(scores, row_max, scale)
+    e = _times(p, mx.view(bits, mx.float32))
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+@_softmax_cpu.vjp
+def _softmax_cpu_vjp(primals, cotangent, output):
+    """d softmax(c s) = c y (g - sum(g y)); the bit-built exp has no derivative of its own."""
+    _, scale = primals
+    return (scale / LOG2_E) * output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True)), \
+        mx.zeros_like(scale)
+
+
 def softmax_cpu(scores: mx.array, scale: float) -> mx.array:
     """softmax(scale * scores) over the last axis, with exp built from vectorizable arithmetic and a bit shift.
 
     MLX's CPU softmax spends most of its time in scalar exp calls. Within 1e-6 of float64, as mx.softmax.
     """
-    row_max = mx.max(scores, axis=-1, keepdims=True)
-    p, bits = _exp2_parts(scores, row_max, mx.array(scale * LOG2_E, dtype=scores.dtype))
-    e = _times(p, mx.view(bits, mx.float32))
-    return e / mx.sum(e, axis=-1, keepdims=True)
+    return _softmax_cpu(scores, mx.array(scale * LOG2_E, dtype=scores.dtype))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
