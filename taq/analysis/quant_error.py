@@ -108,8 +108,9 @@ def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: f
         edges[last] = highest
     lo = float(edges[first])
     candidates = edges[occupied + 1]  # (H,) each > lo
-    errors = binned_squared_errors(edges, lo, candidates[:, None], bits)  # (H, bins)
-    totals = hist @ errors.T  # (T, H): summed squared error of each timestep under each candidate
+    # Bins outside [first, last) are empty at every timestep: leave them out of the (H, bins) error matrix.
+    errors = binned_squared_errors(edges[first:last + 1], lo, candidates[:, None], bits)  # (H, last - first)
+    totals = hist[:, first:last] @ errors.T  # (T, H): summed squared error of each timestep under each candidate
     count = hist.sum()
     shared = totals.sum(axis=0)  # same reduction order as below, so per-timestep <= shared holds exactly
     per_timestep = totals.min(axis=1, keepdims=True).sum(axis=0)[0]
