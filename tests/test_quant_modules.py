@@ -61,7 +61,12 @@ def test_each_row_is_quantized_at_its_own_timestep(pocket_model, pocket_set, w8a
     with quantize_model(pocket_model.mmdit, w8a8) as model:
         together = np.array(model(*mixed))
         apart = np.concatenate([np.array(model(*noisy)), np.array(model(*clean))])
-    np.testing.assert_allclose(together, apart, rtol=1e-5, atol=1e-5)
+    # A 4-row matmul rounds differently from two 2-row ones; that can move a value across a rounding boundary of
+    # the fake quantizer, and one level of a large fc2 input shows in the output (measured 2026-12-02: two of the
+    # four rows moved, by 0.29 of the W8A8 error in norm). A row on another timestep's grid is off by the whole error.
+    reference = np.concatenate([np.array(pocket_model.mmdit(*noisy)), np.array(pocket_model.mmdit(*clean))])
+    drift = np.linalg.norm(together - apart) / np.linalg.norm(apart - reference)
+    assert drift < 0.5, drift
 
 
 def test_a_quantized_layer_called_outside_the_model_call_says_so(pocket_model, w8a8):
