@@ -4,8 +4,9 @@ plain MLX ops everywhere else.
 MLX's own op sequences for LayerNorm + modulation, the gated residuals and the tanh GELU read and write each
 activation several times; the kernels below read each input once, compute in float32 and round once (timings:
 docs/benchmarks/README.md). Elsewhere they fall back to MLX ops, except on the CPU, where MLX evaluates tanh and
-exp with scalar libm calls: there the tanh GELU and the attention's softmax use an arithmetic exp (polynomial and bit shift) that
-mx.compile turns into vectorized loops (`gelu_tanh_cpu`, `softmax_cpu`), within 1.5e-6 of float64.
+exp with scalar libm calls: there the tanh GELU and the attention's softmax use an arithmetic exp (a polynomial
+and a bit shift) that mx.compile turns into vectorized loops (`gelu_tanh_cpu`, `softmax_cpu`), within 1.5e-6 of
+float64.
 """
 
 from __future__ import annotations
