@@ -72,13 +72,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--model", default="sd3-medium", help="preset (random weights)")
     parser.add_argument("--shapes", nargs="+", default=[f"{r}x{n}" for r, n in SHAPES], metavar="PIXELSxROWS")
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[4, 8], help="weight widths to time")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     preset = get_preset(args.model)
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
     auto = dequantize_from_rows()
     variants = {"bf16": ("bf16", 16, 0)}
-    for bits in (8, 4):
+    for bits in args.bits:
         variants |= {f"W{bits} quantized_matmul": ("low", bits, NEVER), f"W{bits} dequantize+GEMM": ("low", bits, 0),
                      f"W{bits} taq (dequantize from {auto} rows)": ("low", bits, auto)}
     results = {}

@@ -6,11 +6,10 @@ and shifted sums in registers, while its warp bins values into a shared-memory h
 block writes its partial moments and histogram, and a second small kernel merges the chunks (Chan et al., in
 double) and sums the histograms. Measured timings: docs/benchmarks/README.md.
 
-It returns the same `BatchReduction` as `reduce_batch` (scale 1, zero residual sums) and the same histogram bit
+It returns the same `BatchReduction` as `reduce_batch` (zero residual sums; scale 1 below 2^60) and the same histogram bit
 for bit: bins are guessed from asinh, as `histogram.histogram_slots` does, and corrected against the float32
 edges. The warps share COPIES shared-memory histograms, as many as fit in 48 KiB beside the edges. The shifted
-float32 sums assume finite |x| below ~1e18 (a squared deviation must fit in float32); the portable reduction has
-no such limit.
+sums are kept in double, so activations up to float32's max are reduced as the portable reduction does.
 """
 
 from __future__ import annotations
@@ -54,13 +53,16 @@ KERNEL = r"""
     const int r0 = blockIdx.y * rows;
     const int r1 = min(M, r0 + rows);
     int n = 0, negative = 0, posinf = 0, neginf = 0, zero = 0;
-    float shift = 0.f, s1 = 0.f, s2 = 0.f, vmin = inf, vmax = -inf;
+    // Shifted sums in double: squared deviations of activations up to float32's max fit, at half the FP32 rate
+    // on a memory-bound loop.
+    double shift = 0.0, s1 = 0.0, s2 = 0.0;
+    float vmin = inf, vmax = -inf;
     auto process = [&](float v) {
         int slot;
         if (isfinite(v)) {
             if (n == 0) shift = v;  // sums of deviations from a sample: little cancellation
             ++n;
-            const float d = v - shift;
+            const double d = static_cast<double>(v) - shift;
             s1 += d;
             s2 += d * d;
             vmin = fminf(vmin, v);
@@ -92,7 +94,7 @@ KERNEL = r"""
         const size_t out = static_cast<size_t>(blockIdx.y) * C + c;
         part_count[out] = n;
         part_mean[out] = n ? shift + s1 / n : 0.f;
-        part_m2[out] = n ? fmaxf(s2 - s1 * s1 / n, 0.f) : 0.f;
+        part_std[out] = n ? static_cast<float>(sqrt(fmax(s2 - s1 * s1 / n, 0.0) / n)) : 0.f;  // fits float32
         part_min[out] = vmin;
         part_max[out] = vmax;
     }
@@ -136,14 +138,19 @@ MERGE = r"""
             const double total = static_cast<double>(n + nk);
             const double delta = static_cast<double>(part_mean[j]) - mu;
             mu += delta * nk / total;
-            q += static_cast<double>(part_m2[j]) + delta * delta * static_cast<double>(n) * nk / total;
+            const double std_k = static_cast<double>(part_std[j]);
+            q += std_k * std_k * nk + delta * delta * static_cast<double>(n) * nk / total;
             n += nk;
             lo = fminf(lo, part_min[j]);
             hi = fmaxf(hi, part_max[j]);
         }
+        // A channel beyond 2^60 is written divided by the power of two at its max |x| (exact), so m2 fits float32.
+        const float amax = fmaxf(fabsf(lo), fabsf(hi));
+        const int e = (n && amax >= 1.152921504606847e18f) ? ilogbf(amax) : 0;
         count[i] = static_cast<int>(n);
-        mean[i] = static_cast<float>(mu);
-        m2[i] = static_cast<float>(q);
+        scale[i] = ldexpf(1.f, e);
+        mean[i] = static_cast<float>(ldexp(mu, -e));
+        m2[i] = static_cast<float>(ldexp(q, -2 * e));
         minimum[i] = lo;
         maximum[i] = hi;
     }
@@ -159,8 +166,8 @@ MERGE = r"""
     }
 """
 
-PARTIALS = ("part_count", "part_mean", "part_m2", "part_min", "part_max", "block_slots", "block_signs")
-OUTPUTS = ("count", "mean", "m2", "minimum", "maximum", "slots", "signs")
+PARTIALS = ("part_count", "part_mean", "part_std", "part_min", "part_max", "block_slots", "block_signs")
+OUTPUTS = ("count", "scale", "mean", "m2", "minimum", "maximum", "slots", "signs")
 
 
 @lru_cache(maxsize=None)
@@ -214,12 +221,12 @@ def cuda_reduce_batch(x: mx.array, spec: HistogramSpec) -> BatchReduction:
         grid=(tiles * THREADS, chunks, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(chunks, channels)] * 5 + [(chunks * tiles, slots), (chunks * tiles, SIGNS)],
         output_dtypes=[mx.int32] + [mx.float32] * 4 + [mx.int32, mx.int32])
-    count, mean, m2, minimum, maximum, slot_counts, signs = merge(
+    count, scale, mean, m2, minimum, maximum, slot_counts, signs = merge(
         inputs=partials, template=[("BINS", spec.bins)], grid=(max(channels, slots), 1, 1),
-        threadgroup=(THREADS, 1, 1), output_shapes=[(channels,)] * 5 + [(slots,), (SIGNS,)],
-        output_dtypes=[mx.int32] + [mx.float32] * 4 + [mx.int32, mx.int32])
+        threadgroup=(THREADS, 1, 1), output_shapes=[(channels,)] * 6 + [(slots,), (SIGNS,)],
+        output_dtypes=[mx.int32] + [mx.float32] * 5 + [mx.int32, mx.int32])
     zeros = mx.zeros((channels,), dtype=mx.float32)
-    return BatchReduction(count=count, scale=mx.ones((channels,), dtype=mx.float32), scaled_mean=mean,
+    return BatchReduction(count=count, scale=scale, scaled_mean=mean,
                           residual_sum=zeros, residual_sq_sum=m2, min=minimum, max=maximum, slots=slot_counts,
                           signs=signs)
 
