@@ -6,7 +6,8 @@ Weights are fake-quantized per output channel (or per group of input columns), a
 per calibrated timestep (`per-timestep`), one for all timesteps (`static`) or a polynomial in sigma
 (`sigma-poly`); 16 bits means that side stays in full precision (W4A16: weights only). Every quantized layer's
 grids go into the file with the options, the model and the calibration set they were made from; `taq evaluate`
-applies it. Which of these is real low-bit arithmetic: see `taq.quant.real` (weights only, through MLX's
+applies it. `--shift`, `--migrate` and `--balance` add TaQ-DiT's and PTQ4DiT's exact input transforms
+(`taq.quant.transforms`). Which of these is real low-bit arithmetic: see `taq.quant.real` (weights only, through MLX's
 quantized kernels); activation quantization is always simulated (fake quantization).
 """
 
@@ -24,6 +25,7 @@ from taq.quant.calibration import FULL_PRECISION, OBSERVERS, QuantConfig, calibr
 from taq.quant.grid import GROUP_SIZES
 from taq.quant.layers import parse_override
 from taq.quant.schedules import MODES
+from taq.quant.transforms import DEFAULT_MIGRATION_THRESHOLD
 from taq.tracing.plan import check_calibration_fits
 
 
@@ -66,6 +68,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="weight bits for matching layers, e.g. 'mm_00_*.qkv=8' (repeatable)")
     parser.add_argument("--first-last-bits", type=int,
                         help="weight bits of the first (block 0 qkv) and last quantized layers (TaQ-DiT: 8)")
+    parser.add_argument("--shift", action="store_true",
+                        help="TaQ-DiT's shifting: centre each post-GELU channel on its midrange (per timestep unless "
+                             "--act-scales static)")
+    parser.add_argument("--migrate", type=float, nargs="?", const=DEFAULT_MIGRATION_THRESHOLD, metavar="THRESHOLD",
+                        help="TaQ-DiT's outlier migration on post-GELU inputs: channels wider than THRESHOLD x the "
+                             f"median channel (default {DEFAULT_MIGRATION_THRESHOLD:g}) move range into fc2's weight")
+    parser.add_argument("--balance", action="store_true",
+                        help="PTQ4DiT's salience balancing on every quantized layer (instead of --migrate)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples,
                         help="calibration points for the activation grids (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed (default: %(default)s)")
@@ -81,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         percentiles=tuple(args.percentiles), poly_degree=args.poly_degree,
         layers=tuple(args.layers) if args.layers else None, include_adaln=args.include_adaln,
         overrides=tuple(parse_override(text) for text in args.override), first_last_bits=args.first_last_bits,
+        shift=args.shift, migrate=args.migrate, balance=args.balance,
         num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
 
 
@@ -99,5 +110,9 @@ def run_cli(args: argparse.Namespace) -> None:
     check_calibration_fits(cal, model, args.calibration_file)
     quantization = calibrate_quantization(model, cal, config, calibration_path=args.calibration_file)
     save_quantization(output, quantization)
+    fractions = quantization.meta.get("outlier_fraction")
+    if fractions:
+        print("outlier channels migrated per post-GELU layer: " + ", ".join(f"{site} {100 * f:.1f}%"
+                                                                          for site, f in fractions.items()))
     print(f"wrote {config.label} ({len(quantization.layers)} layers) to {output} in "
           f"{time.perf_counter() - started:.1f} s")

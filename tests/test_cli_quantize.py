@@ -33,6 +33,18 @@ def test_quantize_writes_the_configuration_it_was_asked_for(quantized):
     assert all(layer.act is None and layer.weight_spec.group_size == 64 for layer in w4.layers.values())
 
 
+def test_quantize_applies_and_reports_the_taqdit_transforms(pocket_calibration, tmp_path, capsys):
+    output = tmp_path / "taqdit.safetensors"
+    assert main(["quantize", "--calibration-file", str(pocket_calibration), *SMALL, "--weights", "4",
+                 "--activations", "8", "--shift", "--migrate", "1.5", "--output", str(output)]) == 0
+    assert "outlier channels migrated per post-GELU layer: mm_00_img.fc2 " in capsys.readouterr().out
+    q = load_quantization(output)
+    assert q.meta["label"] == "W4A8 per-timestep +shift +migrate" and q.meta["config"]["migrate"] == 1.5
+    post_gelu = [layer for site, layer in q.layers.items() if site.endswith(".fc2")]
+    assert post_gelu and all(layer.transform.shift is not None and layer.transform.divisor is not None
+                             for layer in post_gelu)
+
+
 def test_quantize_is_byte_deterministic(pocket_calibration, quantized, tmp_path):
     again = tmp_path / "again.safetensors"
     assert main(["quantize", "--calibration-file", str(pocket_calibration), *SMALL, "--weights", "8",
@@ -69,6 +81,8 @@ def one_line_error(capsys, command: str) -> str:
     (["--num-samples", "8", "--layers", "mm_*_vid.fc2"], "match no layer"),
     (["--override", "mm_00_*.qkv"], "PATTERN=BITS"),
     (["--num-samples", "100000"], "exceeds the 16 points"),
+    (["--migrate", "--balance"], "choose one"),
+    (["--migrate", "0.5"], "threshold must be > 1"),
 ])
 def test_quantize_refuses_bad_options_in_one_line_and_writes_nothing(pocket_calibration, tmp_path, capsys, args,
                                                                      message):

@@ -7,6 +7,8 @@ A safetensors file. Per quantized layer (site name as in `taq.tracing.sites`, e.
     act/<site>/lo, act/<site>/hi                      (T,) the per-timestep observed grid ends
     act/<site>/poly_lo, act/<site>/poly_hi            polynomial coefficients in sigma (sigma-poly only)
     act_sigmas                                        (T,) the calibrated sigmas, decreasing
+    input/<site>/shift, input/<site>/divisor          the exact input transform, where one applies:
+                                                      (1 or T, C) shift and (C,) divisor (taq.quant.transforms)
 
 and a JSON record (`taq_metadata`) with each layer's module path and QuantSpecs, the activation mode, the model
 and weights it was calibrated for, the calibration file's identity, the options and taq's version, and
@@ -27,9 +29,11 @@ import numpy as np
 from taq.formats.container import TaqFormatError, atomic_path, content_digest
 from taq.quant.grid import QParams, QuantSpec
 from taq.quant.schedules import ActivationSchedule
+from taq.quant.transforms import InputTransform
 from taq.tracing.sites import site_order
 
-KIND, VERSION = "taq-quantization", 2  # 2: with taq_sha256
+KIND, VERSION = "taq-quantization", 3  # 2: with taq_sha256; 3: input transforms
+READABLE = (2, 3)  # version 2 files are version 3 files without input transforms
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class LayerQuantization:
     weight_spec: QuantSpec | None  # None: full-precision weights
     weight: QParams | None  # NumPy float32 arrays of weight_spec.param_shape
     act: ActivationSchedule | None  # None: full-precision inputs
+    transform: InputTransform | None = None  # shift / divisor of the input (taq.quant.transforms)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,11 @@ def save_quantization(path: str | os.PathLike, quantization: Quantization) -> No
             for name in ("scale", "zero_point", "lo", "hi", "poly_lo", "poly_hi"):
                 arrays[f"act/{site}/{name}"] = np.asarray(getattr(act, name), np.float64)
             arrays["act_sigmas"] = np.asarray(act.sigmas, np.float64)
+        if layer.transform is not None:
+            for name in ("shift", "divisor"):
+                if getattr(layer.transform, name) is not None:
+                    arrays[f"input/{site}/{name}"] = np.asarray(getattr(layer.transform, name), np.float32)
+            arrays["act_sigmas"] = np.asarray(layer.transform.sigmas, np.float64)
         layers[site] = entry
     record = {"kind": KIND, "format_version": VERSION, "layers": layers, **quantization.meta}
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}
@@ -141,8 +151,9 @@ def _read(path: Path, arrays: bool) -> tuple[dict[str, np.ndarray], dict]:
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise TaqFormatError(f"{path}: is a {meta.get('kind') if isinstance(meta, dict) else '?'!r} file, "
                              f"expected {KIND!r}")
-    if meta.get("format_version") != VERSION:
-        raise TaqFormatError(f"{path}: format version {meta.get('format_version')}, this taq reads version {VERSION}")
+    if meta.get("format_version") not in READABLE:
+        raise TaqFormatError(f"{path}: format version {meta.get('format_version')}, this taq reads versions "
+                             f"{', '.join(map(str, READABLE))}")
     digest = meta.pop("taq_sha256", None)
     if arrays and digest != _digest(meta, loaded):
         raise TaqFormatError(f"{path}: its arrays or metadata do not match its taq_sha256 digest (the file is "
@@ -160,6 +171,9 @@ def _keys(layer: LayerQuantization) -> list[str]:
     keys = [f"weight/{layer.site}/{name}" for name in ("scale", "zero_point")] if layer.weight else []
     if layer.act is not None:
         keys += [f"act/{layer.site}/{name}" for name in ("scale", "zero_point", "lo", "hi", "poly_lo", "poly_hi")]
+    if layer.transform is not None:
+        keys += [f"input/{layer.site}/{name}" for name in ("shift", "divisor")
+                 if getattr(layer.transform, name) is not None]
     return keys
 
 
@@ -191,4 +205,10 @@ def _layer(site: str, record: dict, arrays: dict[str, np.ndarray], sigmas: np.nd
         act = ActivationSchedule(settings["mode"], bits, sigmas, **values)
     if weight_spec is None and act is None:
         raise ValueError("neither its weights nor its inputs are quantized")
-    return LayerQuantization(site, record["path"], weight_spec, weight, act)
+    transform = None
+    shift, divisor = arrays.get(f"input/{site}/shift"), arrays.get(f"input/{site}/divisor")
+    if shift is not None or divisor is not None:
+        if sigmas is None:
+            raise ValueError("has an input transform but the file has no act_sigmas")
+        transform = InputTransform(sigmas, shift, divisor)
+    return LayerQuantization(site, record["path"], weight_spec, weight, act, transform)

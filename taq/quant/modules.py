@@ -3,7 +3,8 @@
 Like the tracer, quantization replaces modules through `Module.update_modules` and puts the originals back on exit
 (also when the block raises), so the model is bit-identical afterwards. Each `QuantLinear` keeps the original
 Linear, uses its weight fake-quantized once on entry, and fake-quantizes its input on a per-tensor grid that
-depends on the timestep. The timestep reaches it explicitly: `QuantizedModel(x, t, tokens, pooled)` is the model
+depends on the timestep, after the layer's exact input transform if it has one (shift and divisor,
+`taq.quant.transforms`). The timestep reaches it explicitly: `QuantizedModel(x, t, tokens, pooled)` is the model
 call, and it passes each row's sigma = t / 1000 to every quantized layer before running the MMDiT (no global
 state; rows at different timesteps each get their own grid).
 
@@ -37,7 +38,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.layer = layer
-        weight = linear.weight
+        self.transform = layer.transform
+        weight = linear.weight if self.transform is None else self.transform.weight(linear.weight)
         if layer.weight_spec is not None:
             spec = layer.weight_spec
             expected = spec.param_shape(weight.shape)
@@ -46,6 +48,9 @@ class QuantLinear(nn.Module):
                                  f"the weight {tuple(weight.shape)} ({spec.granularity} needs {expected})")
             params = type(layer.weight)(mx.array(layer.weight.scale), mx.array(layer.weight.zero_point))
             weight = fake_quant(weight.astype(mx.float32), params, spec).astype(weight.dtype)
+        if self.transform is not None and self.transform.channels != weight.shape[1]:
+            raise ValueError(f"{layer.site}: an input transform of {self.transform.channels} channels does not fit "
+                             f"the weight {tuple(weight.shape)}")
         self._weight = weight
         self._sigma: mx.array | None = None
         self._probe = probe
@@ -55,14 +60,22 @@ class QuantLinear(nn.Module):
         self._sigma = sigma
 
     def quantize_input(self, x: mx.array) -> mx.array:
+        """The input the weight W m multiplies: Q((x - s) / m) + s / m (x itself where nothing applies)."""
         act = self.layer.act
-        if act is None:
-            return x
+        offset = None
+        if self.transform is not None:
+            x, offset = self.transform.forward(x, self._current_sigma())
+        if act is not None:
+            scale, zero_point = dynamic_grid(x, act.bits) if act.mode == "dynamic" else act.grid_at(
+                self._current_sigma())
+            shape = (-1,) + (1,) * (x.ndim - 1)  # (B,) per row, or (1,) for the whole call
+            x = fake_quant_affine(x, scale.reshape(shape), zero_point.reshape(shape), 0, act.qmax)
+        return x if offset is None else x + offset
+
+    def _current_sigma(self) -> mx.array:
         if self._sigma is None:
             raise RuntimeError(f"{self.layer.site}: called outside QuantizedModel (no timestep was handed over)")
-        scale, zero_point = dynamic_grid(x, act.bits) if act.mode == "dynamic" else act.grid_at(self._sigma)
-        shape = (-1,) + (1,) * (x.ndim - 1)  # (B,) per row, or (1,) for the whole call
-        return fake_quant_affine(x, scale.reshape(shape), zero_point.reshape(shape), 0, act.qmax)
+        return self._sigma
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.quantize_input(x) @ self._weight.T

@@ -73,8 +73,10 @@ class LowBitLinear(nn.Module):
 
 
 def supports_real_weights(quantization: Quantization) -> bool:
-    """Weights only (A16), on grids MLX can store: 2/4/8 bits, per channel or per group of 32/64/128."""
-    return all(layer.act is None and layer.weight_spec is not None and layer.weight_spec.bits in EXPORT_BITS
+    """Weights only (A16), on grids MLX can store: 2/4/8 bits, per channel or per group of 32/64/128, with no
+    input transform (a shift or divisor would need an op before the packed matmul)."""
+    return all(layer.act is None and layer.transform is None and layer.weight_spec is not None
+               and layer.weight_spec.bits in EXPORT_BITS
                and (layer.weight_spec.granularity == "channel" or layer.weight_spec.group_size in GROUP_SIZES)
                for layer in quantization.layers.values())
 

@@ -77,15 +77,20 @@ class ActivationSchedule:
         sigma = sigma.astype(mx.float32)
         if self.mode == "static":
             return (mx.full(sigma.shape, float(self.scale[0])), mx.full(sigma.shape, float(self.zero_point[0])))
-        calibrated = mx.array(self.sigmas.astype(np.float32))
         if self.mode == "dynamic":
             raise ValueError("a dynamic schedule's grid comes from each call's input: use dynamic_grid(x)")
         if self.mode == "per-timestep":
-            # argmin takes the first minimum: sigmas decrease, so a tie goes to the larger sigma.
-            index = mx.argmin(mx.abs(sigma[:, None] - calibrated[None, :]), axis=1)
+            index = nearest_index(self.sigmas, sigma)
             return mx.array(self.scale.astype(np.float32))[index], mx.array(self.zero_point.astype(np.float32))[index]
         s = mx.clip(sigma, float(self.sigmas[-1]), float(self.sigmas[0]))
         return zero_anchored_grid(_polyval(self.poly_lo, s), _polyval(self.poly_hi, s), self.qmax)
+
+
+def nearest_index(calibrated: np.ndarray, sigma: mx.array) -> mx.array:
+    """(B,) index of the calibrated sigma (decreasing) nearest each sigma; a tie goes to the larger sigma
+    (argmin takes the first minimum)."""
+    grid = mx.array(np.asarray(calibrated, np.float32))
+    return mx.argmin(mx.abs(sigma.astype(mx.float32)[:, None] - grid[None, :]), axis=1)
 
 
 def dynamic_grid(x: mx.array, bits: int) -> tuple[mx.array, mx.array]:
