@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from taq.tracing.histogram import FLOAT32_MAX, MAX_BINS, HistogramSpec, HistogramSpecError
-from taq.tracing.stats import (CELL_COUNTERS, ActivationStats, BatchReduction, CellStats, compiled_reducer,
-                               pack_reductions, reduce_batch, unpack_reductions)
+import taq.tracing.stats as stats_module
+from taq.tracing.stats import (CELL_COUNTERS, ActivationStats, BatchReduction, CellStats, PackedMerger,
+                               compiled_reducer, pack_reductions, reduce_batch, unpack_reductions)
 
 RTOL = 1e-5
 SPEC = HistogramSpec()
@@ -388,3 +389,72 @@ def test_packed_reductions_unpack_to_the_same_fields(shapes, seed):
     for original, unpacked in zip(reductions, unpack_reductions(np.array(floats), np.array(ints), sizes)):
         for name in BatchReduction.__dataclass_fields__:
             np.testing.assert_array_equal(getattr(unpacked, name), np.array(getattr(original, name)), err_msg=name)
+
+
+# --------------------------------------------------------------------------- many cells per merge (the tracer's)
+
+
+def assert_stats_bit_identical(a: ActivationStats, b: ActivationStats) -> None:
+    assert a.layers == b.layers and a.channels == b.channels and list(a.items()) and len(a) == len(b)
+    assert [key for key, _ in a.items()] == [key for key, _ in b.items()]  # also the order cells were first seen
+    for key, cell in a.items():
+        other = b[key]
+        for name in ("count", "mean", "m2", "min", "max", "hist"):
+            x, y = np.ascontiguousarray(getattr(cell, name)), np.ascontiguousarray(getattr(other, name))
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (key, name)  # -0.0 and NaN bits included
+        for name in CELL_COUNTERS:
+            assert getattr(cell, name) == getattr(other, name), (key, name)
+
+
+signed_values = st.one_of(values, st.just(-0.0), st.floats(-2.0**100, 2.0**100, width=32))
+LAYERS = ("mm_00_img", "mm_00_txt", "mm_01_img", "mm_01_txt")
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), channels=st.integers(1, 5), chunk=st.sampled_from([1, 3, 2**16]),
+       seeded=st.lists(st.sampled_from(LAYERS), max_size=2, unique=True))
+def test_merging_a_flush_at_once_equals_updating_its_cells_one_by_one(data, channels, chunk, seeded):
+    """PackedMerger (the tracer's vectorised merge) against CellStats.from_reduction + update per reduction, bit
+    for bit: cells seen first, seeded from the stats, merged again, in any layer order, synced in between."""
+    spec = HistogramSpec(8)
+    one_by_one, at_once = ActivationStats(spec), ActivationStats(spec)
+    for layer in seeded:  # cells the stats hold before tracing starts
+        x = data.draw(arrays(np.float32, (data.draw(st.integers(0, 4)), channels), elements=signed_values))
+        for stats in (one_by_one, at_once):
+            stats.update(layer, 1.0, cell_of(x, spec))
+    merger = PackedMerger(at_once)
+    flushes = data.draw(st.lists(st.tuples(st.sampled_from([1.0, 2.0]), st.permutations(LAYERS),
+                                           st.integers(1, len(LAYERS)), st.booleans()), min_size=1, max_size=5))
+    previous, stats_module.CHUNK_ELEMENTS = stats_module.CHUNK_ELEMENTS, chunk
+    try:
+        for timestep, order, k, sync in flushes:
+            layers = list(order[:k])
+            xs = [data.draw(arrays(np.float32, (data.draw(st.integers(0, 6)), channels), elements=signed_values))
+                  for _ in layers]
+            reductions = [reduce_batch(mx.array(x), spec) for x in xs]
+            floats, ints = (np.array(a) for a in pack_reductions(reductions))
+            sizes = [(channels, spec.bins + 1)] * len(layers)
+            for layer, r in zip(layers, unpack_reductions(floats, ints, sizes)):
+                one_by_one.update(layer, timestep, CellStats.from_reduction(r, spec))
+            merger.merge(layers, timestep, floats, ints, channels, spec.bins + 1)
+            if sync:
+                merger.write_back()
+        merger.write_back()
+    finally:
+        stats_module.CHUNK_ELEMENTS = previous
+    assert_stats_bit_identical(one_by_one, at_once)
+
+
+def test_a_flush_of_the_wrong_shape_is_rejected_before_anything_is_merged():
+    stats = ActivationStats(HistogramSpec(8))
+    stats.update("a", 1.0, cell_of(np.ones((2, 3)), HistogramSpec(8)))
+    floats, ints = (np.array(a) for a in pack_reductions([reduce_batch(mx.ones((2, 4)), HistogramSpec(8))]))
+    merger = PackedMerger(stats)
+    with pytest.raises(ValueError, match="'b' has 4 channels, these stats hold 3"):
+        merger.merge(["b"], 1.0, floats, ints, 4, 9)
+    with pytest.raises(ValueError, match="histogram bins"):
+        merger.merge(["b"], 1.0, floats, ints, 4, 17)
+    with pytest.raises(ValueError, match="each layer once"):
+        merger.merge(["b", "b"], 1.0, floats, ints, 4, 9)
+    merger.write_back()
+    assert len(stats) == 1

@@ -141,6 +141,61 @@ def _device_edges(spec: HistogramSpec) -> mx.array:
     return mx.array(spec.bin_edges)
 
 
+# --------------------------------------------------------------------------- host side: the float64 arithmetic
+# One implementation, elementwise, for one cell's (C,) arrays and for many cells' stacked (K, C) arrays alike, so
+# both merge paths give the same bits. In-place (`out=`) where it can: large stacked arrays are not reallocated.
+
+MOMENT_FIELDS = ("scale", "scaled_mean", "residual_sum", "residual_sq_sum")
+
+
+def batch_moments(count: np.ndarray, scale: np.ndarray, scaled_mean: np.ndarray, residual_sum: np.ndarray,
+                  residual_sq_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and M2 of reductions (any shape; float32 fields), 0 where count is 0:
+    mean = (scaled_mean + residual_sum / n) * scale, m2 = max(residual_sq_sum - residual_sum**2 / n, 0) * scale**2
+    with n = max(count, 1)."""
+    n = np.maximum(count, 1).astype(np.float64)
+    scale = scale.astype(np.float64)
+    residual_sum = residual_sum.astype(np.float64)
+    mean = np.divide(residual_sum, n)
+    np.add(scaled_mean, mean, out=mean)  # float32 + float64: the float32 operand is widened exactly
+    np.multiply(mean, scale, out=mean)
+    m2 = np.square(residual_sum, out=residual_sum)
+    np.divide(m2, n, out=m2)
+    np.subtract(residual_sq_sum, m2, out=m2)
+    np.maximum(m2, 0.0, out=m2)
+    np.multiply(m2, np.square(scale, out=scale), out=m2)
+    empty = count <= 0
+    if empty.any():
+        np.copyto(mean, 0.0, where=empty)
+        np.copyto(m2, 0.0, where=empty)
+    return mean, m2
+
+
+def chan_merge(na: np.ndarray, mean: np.ndarray, m2: np.ndarray, nb: np.ndarray, mean_b: np.ndarray,
+               m2_b: np.ndarray) -> np.ndarray:
+    """Chan et al.'s parallel update of (na, mean, m2) by (nb, mean_b, m2_b), in place in `mean` and `m2`;
+    counts as float64. `mean_b` is overwritten; returns the merged count na + nb. Per element:
+    mean += delta * (nb / n), m2 = m2 + m2_b + delta**2 * (na * nb / n), delta = mean_b - mean, n = max(na + nb, 1);
+    0 where na + nb is 0."""
+    n = np.add(na, nb)
+    safe_n = np.maximum(n, 1.0)
+    delta = np.subtract(mean_b, mean, out=mean_b)
+    weight = np.multiply(na, nb)
+    np.divide(weight, safe_n, out=weight)
+    share = np.divide(nb, safe_n, out=safe_n)
+    np.multiply(delta, share, out=share)
+    np.add(mean, share, out=mean)
+    np.square(delta, out=delta)
+    np.multiply(delta, weight, out=delta)
+    np.add(m2, m2_b, out=m2)
+    np.add(m2, delta, out=m2)
+    empty = n <= 0
+    if empty.any():
+        np.copyto(mean, 0.0, where=empty)
+        np.copyto(m2, 0.0, where=empty)
+    return n
+
+
 # --------------------------------------------------------------------------- host side: one cell
 
 
@@ -178,15 +233,11 @@ class CellStats:
     def from_reduction(cls, r: BatchReduction, spec: HistogramSpec) -> "CellStats":
         """Host statistics of one evaluated BatchReduction (evaluates it if it is not yet)."""
         count = np.array(r.count).astype(np.int64)
-        n = np.maximum(count, 1).astype(np.float64)
-        scale = _np64(r.scale)
-        residual_sum = _np64(r.residual_sum)
-        mean = (_np64(r.scaled_mean) + residual_sum / n) * scale
-        m2 = np.maximum(_np64(r.residual_sq_sum) - residual_sum**2 / n, 0.0) * scale**2
+        mean, m2 = batch_moments(count, *(np.array(getattr(r, name)) for name in MOMENT_FIELDS))
         slots = np.array(r.slots).astype(np.int64)
         below_zero, posinf, neginf, zero = (int(v) for v in np.array(r.signs))
         nan = int(slots[spec.bins]) - posinf - neginf
-        return cls(spec=spec, count=count, mean=np.where(count > 0, mean, 0.0), m2=np.where(count > 0, m2, 0.0),
+        return cls(spec=spec, count=count, mean=mean, m2=m2,
                    min=_np64(r.min), max=_np64(r.max), hist=slots[: spec.bins], negative=below_zero - neginf,
                    zero=zero, nan=nan, posinf=posinf, neginf=neginf)
 
@@ -229,16 +280,126 @@ class CellStats:
             raise ValueError(f"cannot merge cells with different histograms: {self.spec} vs {other.spec}")
         if other.channels != self.channels:
             raise ValueError(f"cannot merge cells with {self.channels} and {other.channels} channels")
-        na, nb = self.count.astype(np.float64), other.count.astype(np.float64)
-        n = na + nb
-        safe_n = np.maximum(n, 1.0)
-        delta = other.mean - self.mean
-        mean = np.where(n > 0, self.mean + delta * (nb / safe_n), 0.0)
-        m2 = np.where(n > 0, self.m2 + other.m2 + delta**2 * (na * nb / safe_n), 0.0)
+        mean, m2 = self.mean.copy(), self.m2.copy()
+        chan_merge(self.count.astype(np.float64), mean, m2, other.count.astype(np.float64), other.mean.copy(),
+                   other.m2)
         counters = {name: getattr(self, name) + getattr(other, name) for name in CELL_COUNTERS}
         return CellStats(spec=self.spec, count=self.count + other.count, mean=mean, m2=m2,
                          min=np.minimum(self.min, other.min), max=np.maximum(self.max, other.max),
                          hist=self.hist + other.hist, **counters)
+
+
+# --------------------------------------------------------------------------- host side: many cells at once
+
+
+CHUNK_ELEMENTS = 2**16  # CellBlock merges this many (cell, channel) elements per NumPy operation
+
+
+@dataclass(eq=False)
+class CellBlock:
+    """The running statistics of K cells with one channel count and histogram, as stacked arrays.
+
+    Merging a flush's K packed reductions (`merge_packed`) is one NumPy pass per quantity over (K, C) arrays
+    instead of K passes of a dozen small ones; the arithmetic is `CellStats.from_reduction` and `CellStats.merge`'s,
+    element for element, so the result is bit-identical to merging the cells one by one. Counts are kept as
+    float64 (exact below 2^53, and what the merge computes with); `cell(i)` gives row i as a `CellStats`.
+    """
+
+    spec: HistogramSpec
+    count: np.ndarray  # (K, C) float64, integer valued
+    mean: np.ndarray  # (K, C) float64
+    m2: np.ndarray  # (K, C) float64
+    min: np.ndarray  # (K, C) float64
+    max: np.ndarray  # (K, C) float64
+    hist: np.ndarray  # (K, bins) int64
+    counters: np.ndarray  # (K, len(CELL_COUNTERS)) int64
+    fresh: np.ndarray  # (K,) bool: rows no batch has been merged into, which take the first one as it is
+
+    @classmethod
+    def from_cells(cls, cells: list[CellStats | None], channels: int, spec: HistogramSpec) -> "CellBlock":
+        """Rows copied from `cells`; None is a cell not visited yet (`fresh`)."""
+        K = len(cells)
+        block = cls(spec=spec, count=np.zeros((K, channels)), mean=np.zeros((K, channels)),
+                    m2=np.zeros((K, channels)), min=np.full((K, channels), np.inf),
+                    max=np.full((K, channels), -np.inf), hist=np.zeros((K, spec.bins), np.int64),
+                    counters=np.zeros((K, len(CELL_COUNTERS)), np.int64),
+                    fresh=np.array([cell is None for cell in cells], dtype=bool))
+        for i, cell in enumerate(cells):
+            if cell is not None:
+                for name in ("count", "mean", "m2", "min", "max", "hist"):
+                    getattr(block, name)[i] = getattr(cell, name)
+                block.counters[i] = [getattr(cell, name) for name in CELL_COUNTERS]
+        return block
+
+    def __len__(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.count.shape[1]
+
+    def extend(self, other: "CellBlock") -> "CellBlock":
+        """A block of these rows followed by `other`'s."""
+        return CellBlock(self.spec, **{name: np.concatenate([getattr(self, name), getattr(other, name)])
+                                       for name in ("count", "mean", "m2", "min", "max", "hist", "counters",
+                                                    "fresh")})
+
+    def cell(self, i: int) -> CellStats:
+        """Row i as a CellStats (its per-channel arrays are views of this block's)."""
+        counters = {name: int(v) for name, v in zip(CELL_COUNTERS, self.counters[i])}
+        return CellStats(spec=self.spec, count=self.count[i].astype(np.int64), mean=self.mean[i], m2=self.m2[i],
+                         min=self.min[i], max=self.max[i], hist=self.hist[i], **counters)
+
+    def merge_packed(self, floats: np.ndarray, ints: np.ndarray, rows: slice | np.ndarray = slice(None)) -> None:
+        """Merge K packed reductions (`pack_reductions` on the host: K x (channels, bins + 1) of this block's
+        shape) into `rows` (K of them, distinct), in place."""
+        C, S = self.channels, self.spec.bins + 1
+        K = ints.size // (C + S + SIGNS)
+        if floats.size != K * len(FLOAT_FIELDS) * C or ints.size != K * (C + S + SIGNS):
+            raise ValueError(f"packed reductions of {floats.size} floats and {ints.size} ints are not {K} of "
+                             f"{C} channels and {S} histogram slots")
+        floats = floats.reshape(K, len(FLOAT_FIELDS), C)
+        ints = ints.reshape(K, C + S + SIGNS)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1 or stop - start != K:
+                raise ValueError(f"rows {rows} must be a slice of {K} consecutive rows")
+            chunk = max(1, CHUNK_ELEMENTS // C)  # stacked arrays of about CHUNK_ELEMENTS stay in the caches
+            for first in range(0, K, chunk):
+                last = min(K, first + chunk)
+                self._merge_rows(slice(start + first, start + last), floats[first:last], ints[first:last])
+            return
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.shape != (K,) or len(set(rows.tolist())) != K:
+            raise ValueError(f"rows {rows} must be {K} distinct row indices")
+        part = CellBlock(self.spec, **{name: getattr(self, name)[rows]
+                                       for name in ("count", "mean", "m2", "min", "max", "hist", "counters",
+                                                    "fresh")})
+        part.merge_packed(floats, ints)
+        for name in ("count", "mean", "m2", "min", "max", "hist", "counters", "fresh"):
+            getattr(self, name)[rows] = getattr(part, name)
+
+    def _merge_rows(self, rows: slice, floats: np.ndarray, ints: np.ndarray) -> None:
+        C, bins = self.channels, self.spec.bins
+        field = {name: floats[:, j] for j, name in enumerate(FLOAT_FIELDS)}
+        count = ints[:, :C]
+        slots, signs = ints[:, C:C + bins + 1], ints[:, C + bins + 1:]
+        if self.count[rows].shape[0] != count.shape[0]:
+            raise ValueError(f"{count.shape[0]} reductions for {self.count[rows].shape[0]} rows")
+        mean_b, m2_b = batch_moments(count, *(field[name] for name in MOMENT_FIELDS))
+        fresh = np.flatnonzero(self.fresh[rows])
+        first = (mean_b[fresh].copy(), m2_b[fresh].copy()) if fresh.size else None
+        na, mean, m2 = self.count[rows], self.mean[rows], self.m2[rows]  # views: rows is a slice
+        na[...] = chan_merge(na, mean, m2, count.astype(np.float64), mean_b, m2_b)
+        if first is not None:  # a first batch is taken as it is (merging it into nothing could flip a zero's sign)
+            mean[fresh], m2[fresh] = first
+        np.minimum(self.min[rows], field["min"], out=self.min[rows])
+        np.maximum(self.max[rows], field["max"], out=self.max[rows])
+        np.add(self.hist[rows], slots[:, :bins], out=self.hist[rows])
+        below_zero, posinf, neginf, zero = signs.T.astype(np.int64)
+        nan = slots[:, bins].astype(np.int64) - posinf - neginf
+        self.counters[rows] += np.stack([below_zero - neginf, zero, nan, posinf, neginf], axis=1)
+        self.fresh[rows] = False
 
 
 # --------------------------------------------------------------------------- host side: all cells
@@ -410,6 +571,65 @@ class ActivationStats:
             where = f"({layers[i]!r}, {timesteps[j]})"
             stats.update(layers[i], timesteps[j], _cell_from_arrays(arrays, i, j, spec, where))
         return stats
+
+
+class PackedMerger:
+    """Merges packed reductions (`pack_reductions`, brought to the host) into an ActivationStats, many cells per
+    NumPy operation: the cells of each timestep are held as one CellBlock, seeded from the cells the stats already
+    hold, and stored back into the stats by `write_back()`. Until then the stats do not show what was merged, and
+    must not be updated otherwise. The result equals `stats.update(layer, timestep, CellStats.from_reduction(r))`
+    for every reduction in order, bit for bit.
+    """
+
+    def __init__(self, stats: "ActivationStats"):
+        self.stats = stats
+        self.channels: int | None = stats.channels
+        self._blocks: dict[float, CellBlock] = {}
+        self._rows: dict[float, dict[str, int]] = {}
+        self._order: list[tuple[str, float]] = []  # cells in the order they were first merged
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def merge(self, layers: list[str], timestep: float, floats: np.ndarray, ints: np.ndarray, channels: int,
+              slots: int) -> None:
+        """Merge the packed reductions of `layers` (distinct; one reduction of `channels` channels and `slots`
+        histogram slots each, in this order) at `timestep`."""
+        spec, timestep = self.stats.spec, timestep_key(timestep)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"one merge takes each layer once, got {layers}")
+        if slots != spec.bins + 1:
+            raise ValueError(f"layer {layers[0]!r}: {slots - 1} histogram bins, these stats' have {spec.bins}")
+        held = self.stats.channels if self.stats.channels is not None else self.channels
+        if held is not None and channels != held:
+            raise ValueError(f"layer {layers[0]!r} has {channels} channels, these stats hold {held}; "
+                             "all layers must have the same channel count")
+        self.channels = channels
+        index = self._rows.setdefault(timestep, {})
+        new = [layer for layer in layers if layer not in index]
+        if new:
+            self.stats.add_layers(new)
+            seeds = [self.stats._cells.get((layer, timestep)) for layer in new]
+            added = CellBlock.from_cells(seeds, channels, spec)
+            block = self._blocks.get(timestep)
+            self._blocks[timestep] = added if block is None else block.extend(added)
+            for layer in new:
+                index[layer] = len(index)
+                self._order.append((layer, timestep))
+        rows = [index[layer] for layer in layers]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        self._blocks[timestep].merge_packed(floats, ints, slice(rows[0], rows[0] + len(rows)) if contiguous
+                                            else np.array(rows))
+
+    def write_back(self) -> None:
+        """Store every merged cell into the stats and start afresh."""
+        if self._order and self.stats.channels is None:
+            self.stats.channels = self.channels
+        for layer, timestep in self._order:
+            self.stats._cells[layer, timestep] = self._blocks[timestep].cell(self._rows[timestep][layer])
+        self._blocks.clear()
+        self._rows.clear()
+        self._order.clear()
 
 
 def _cell_from_arrays(arrays: dict[str, np.ndarray], i: int, j: int, spec: HistogramSpec, where: str) -> CellStats:

@@ -32,8 +32,8 @@ from mlx.utils import tree_unflatten
 from taq.cuda import cuda_available
 from taq.tracing.cuda_reduce import cuda_reducer, histogram_copies
 from taq.tracing.histogram import HistogramSpec
-from taq.tracing.stats import (ActivationStats, BatchReduction, CellStats, compiled_reducer, pack_reductions,
-                               reduce_batch, timestep_key, unpack_reductions)
+from taq.tracing.stats import (FLOAT_FIELDS, SIGNS, ActivationStats, BatchReduction, PackedMerger, compiled_reducer,
+                               pack_reductions, reduce_batch, timestep_key)
 
 # Module path of an FFN activation -> layer name; one entry per stream of each model family.
 FFN_ACTIVATION_NAMES: tuple[tuple[str, str], ...] = (
@@ -89,8 +89,10 @@ class FFNTracer:
     """Collects device-side reductions per forward; `flush` evaluates them and merges them into `stats`.
 
     Merging is pipelined: `flush` starts evaluating this forward's reductions and queues the previous flush's for
-    a merging thread (float64, on the host), so host work overlaps the next forwards. `sync()` (called when
-    `trace_ffn_activations` exits) waits for the merges; `stats` is complete only after it.
+    a merging thread (float64, on the host), so host work overlaps the next forwards. The thread merges a whole
+    flush in one vectorised step into running statistics of its own (`PackedMerger`, bit-identical to updating
+    the cells one by one), which `sync()` (called when `trace_ffn_activations` exits) stores into `stats` after
+    waiting for the merges: `stats` is complete only after it, and must not be updated otherwise in between.
     """
 
     def __init__(self, stats: ActivationStats, reduce: Callable[[mx.array], BatchReduction]):
@@ -101,6 +103,7 @@ class FFNTracer:
         self._in_flight: tuple[list, tuple[mx.array, mx.array]] | None = None
         self._merger: ThreadPoolExecutor | None = None
         self._merges: list[Future] = []
+        self._merged: PackedMerger | None = None  # the merging thread's running statistics, stored at sync
 
     @property
     def timestep(self) -> float | None:
@@ -169,8 +172,11 @@ class FFNTracer:
         """Wait until everything flushed so far is merged into `stats`."""
         previous, self._in_flight = self._in_flight, None
         self._hand_over(previous)
-        while self._merges:
-            self._merges.pop(0).result()  # re-raises a merge's exception
+        try:
+            while self._merges:
+                self._merges.pop(0).result()  # re-raises a merge's exception
+        finally:
+            self._write_back()
 
     def _hand_over(self, in_flight) -> None:
         """Copy an evaluated flush to the host (here: MLX stays on this thread) and queue its float64 merge."""
@@ -180,12 +186,24 @@ class FFNTracer:
         floats, ints = np.array(floats), np.array(ints)
         if self._merger is None:
             self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taq-merge")  # FIFO: same order
+        if self._merged is None:
+            self._merged = PackedMerger(self.stats)
         self._merges.append(self._merger.submit(self._merge, cells, floats, ints))
 
     def _merge(self, cells, floats: np.ndarray, ints: np.ndarray) -> None:
-        reductions = unpack_reductions(floats, ints, [size for _, _, size in cells])
-        for (layer, timestep, _), reduction in zip(cells, reductions):
-            self.stats.update(layer, timestep, CellStats.from_reduction(reduction, self.stats.spec))
+        """Merge one flush: each run of reductions with one timestep, one shape and distinct layers (usually the
+        whole flush) in one vectorised step (`PackedMerger`), runs in recording order."""
+        f = i = 0
+        for run in _runs(cells):
+            (_, timestep, (channels, slots)), n = run[0], len(run)
+            df, di = n * len(FLOAT_FIELDS) * channels, n * (channels + slots + SIGNS)
+            self._merged.merge([layer for layer, _, _ in run], timestep, floats[f:f + df], ints[i:i + di],
+                               channels, slots)
+            f, i = f + df, i + di
+
+    def _write_back(self) -> None:
+        if self._merged is not None:
+            self._merged.write_back()
 
     def _raise_merge_error(self) -> None:
         while self._merges and self._merges[0].done():
@@ -199,6 +217,23 @@ class FFNTracer:
             self._merger.shutdown(wait=True, cancel_futures=True)
             self._merger = None
         self._merges.clear()
+        self._write_back()  # what the merges finished so far, as when each merge updated the stats itself
+        self._merged = None
+
+
+def _runs(cells: list) -> Iterator[list]:
+    """Consecutive runs of (layer, timestep, size) with one timestep and size and no layer twice."""
+    run: list = []
+    layers: set = set()
+    for cell in cells:
+        layer, timestep, size = cell
+        if run and (timestep != run[0][1] or size != run[0][2] or layer in layers):
+            yield run
+            run, layers = [], set()
+        run.append(cell)
+        layers.add(layer)
+    if run:
+        yield run
 
 
 def _swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
