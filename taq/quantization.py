@@ -7,8 +7,9 @@ per calibrated timestep (`per-timestep`), one for all timesteps (`static`) or a 
 (`sigma-poly`); 16 bits means that side stays in full precision (W4A16: weights only). Every quantized layer's
 grids go into the file with the options, the model and the calibration set they were made from; `taq evaluate`
 applies it. `--shift`, `--migrate` and `--balance` add TaQ-DiT's and PTQ4DiT's exact input transforms
-(`taq.quant.transforms`). Which of these is real low-bit arithmetic: see `taq.quant.real` (weights only, through MLX's
-quantized kernels); activation quantization is always simulated (fake quantization).
+(`taq.quant.transforms`); `--reconstruct joint|separate` then trains each joint block's rounding and activation
+steps (`taq.quant.reconstruction`). Which of these is real low-bit arithmetic: see `taq.quant.real` (weights
+only, through MLX's quantized kernels); activation quantization is always simulated (fake quantization).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from taq.options import add_model_options
 from taq.quant.calibration import FULL_PRECISION, OBSERVERS, QuantConfig, calibrate_quantization
 from taq.quant.grid import GROUP_SIZES
 from taq.quant.layers import parse_override
+from taq.quant.reconstruction import MODES as RECONSTRUCTION_MODES, ReconstructionConfig, reconstruct
 from taq.quant.schedules import MODES
 from taq.quant.transforms import DEFAULT_MIGRATION_THRESHOLD
 from taq.tracing.plan import check_calibration_fits
@@ -76,8 +78,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"median channel (default {DEFAULT_MIGRATION_THRESHOLD:g}) move range into fc2's weight")
     parser.add_argument("--balance", action="store_true",
                         help="PTQ4DiT's salience balancing on every quantized layer (instead of --migrate)")
+    parser.add_argument("--reconstruct", choices=RECONSTRUCTION_MODES,
+                        help="block reconstruction after calibration: AdaRound weights and LSQ activation steps "
+                             "trained together (joint, TaQ-DiT) or one after the other (separate)")
+    parser.add_argument("--iters", type=int, default=ReconstructionConfig().iters,
+                        help="reconstruction iterations per block (default: %(default)s; TaQ-DiT: 20000)")
+    parser.add_argument("--resume-dir",
+                        help="keep each reconstructed block here, and skip the blocks a rerun finds done")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples,
-                        help="calibration points for the activation grids (default: %(default)s)")
+                        help="calibration points for the activation grids and the reconstruction "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="points per forward, 2x rows with CFG (default: %(default)s)")
@@ -98,6 +108,10 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 def run_cli(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     config = config_from_args(args)
+    reconstruction = None if not args.reconstruct else ReconstructionConfig(
+        mode=args.reconstruct, iters=args.iters, num_samples=args.num_samples, seed=args.seed)
+    if args.resume_dir and reconstruction is None:
+        raise ValueError("--resume-dir keeps reconstructed blocks: it needs --reconstruct")
     check_model_options(args.model, args.checkpoint, args.random_weights)
     output = check_output_path(args.output)
     if output.suffix != ".safetensors":
@@ -109,6 +123,8 @@ def run_cli(args: argparse.Namespace) -> None:
                        dtype=dtype_from_args(args))
     check_calibration_fits(cal, model, args.calibration_file)
     quantization = calibrate_quantization(model, cal, config, calibration_path=args.calibration_file)
+    if reconstruction is not None:
+        quantization = reconstruct(model, cal, quantization, reconstruction, resume_dir=args.resume_dir)
     save_quantization(output, quantization)
     fractions = quantization.meta.get("outlier_fraction")
     if fractions:

@@ -45,6 +45,19 @@ def test_quantize_applies_and_reports_the_taqdit_transforms(pocket_calibration, 
                              for layer in post_gelu)
 
 
+def test_quantize_reconstructs_and_resumes(pocket_calibration, tmp_path):
+    output, resume = tmp_path / "rec.safetensors", tmp_path / "blocks"
+    args = ["quantize", "--calibration-file", str(pocket_calibration), *SMALL, "--weights", "4", "--activations", "8",
+            "--layers", "mm_00_*", "--reconstruct", "joint", "--iters", "5", "--resume-dir", str(resume)]
+    assert main([*args, "--output", str(output)]) == 0
+    q = load_quantization(output)
+    assert q.meta["reconstruction"]["iters"] == 5 and all(layer.levels is not None for layer in q.layers.values())
+    assert [p.name for p in resume.iterdir()] == ["block_00.safetensors"]
+    again = tmp_path / "again.safetensors"
+    assert main([*args, "--output", str(again)]) == 0
+    assert again.read_bytes() == output.read_bytes()
+
+
 def test_quantize_is_byte_deterministic(pocket_calibration, quantized, tmp_path):
     again = tmp_path / "again.safetensors"
     assert main(["quantize", "--calibration-file", str(pocket_calibration), *SMALL, "--weights", "8",
@@ -83,6 +96,8 @@ def one_line_error(capsys, command: str) -> str:
     (["--num-samples", "100000"], "exceeds the 16 points"),
     (["--migrate", "--balance"], "choose one"),
     (["--migrate", "0.5"], "threshold must be > 1"),
+    (["--resume-dir", "r"], "needs --reconstruct"),
+    (["--reconstruct", "joint", "--iters", "0"], "iters must be >= 1"),
 ])
 def test_quantize_refuses_bad_options_in_one_line_and_writes_nothing(pocket_calibration, tmp_path, capsys, args,
                                                                      message):

@@ -3,6 +3,8 @@
 A safetensors file. Per quantized layer (site name as in `taq.tracing.sites`, e.g. `mm_03_img.fc2`):
 
     weight/<site>/scale, weight/<site>/zero_point    the weight grids, QuantSpec.param_shape of the weight
+    weight/<site>/levels                              (out, in) uint8 integer levels, where reconstruction chose
+                                                      each weight's rounding (else: round to nearest on load)
     act/<site>/scale, act/<site>/zero_point           (T,) the activation grid at each calibrated sigma
     act/<site>/lo, act/<site>/hi                      (T,) the per-timestep observed grid ends
     act/<site>/poly_lo, act/<site>/poly_hi            polynomial coefficients in sigma (sigma-poly only)
@@ -44,6 +46,7 @@ class LayerQuantization:
     weight: QParams | None  # NumPy float32 arrays of weight_spec.param_shape
     act: ActivationSchedule | None  # None: full-precision inputs
     transform: InputTransform | None = None  # shift / divisor of the input (taq.quant.transforms)
+    levels: np.ndarray | None = None  # (out, in) uint8 weight levels chosen by reconstruction (AdaRound)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def save_quantization(path: str | os.PathLike, quantization: Quantization) -> No
         if layer.weight is not None:
             arrays[f"weight/{site}/scale"] = np.asarray(layer.weight.scale, np.float32)
             arrays[f"weight/{site}/zero_point"] = np.asarray(layer.weight.zero_point, np.float32)
+        if layer.levels is not None:
+            arrays[f"weight/{site}/levels"] = np.asarray(layer.levels, np.uint8)
         if layer.act is not None:
             act = layer.act
             entry["act"] = {"mode": act.mode, "bits": act.bits}
@@ -169,6 +174,7 @@ def _digest(record: dict, arrays: dict[str, np.ndarray]) -> str:
 
 def _keys(layer: LayerQuantization) -> list[str]:
     keys = [f"weight/{layer.site}/{name}" for name in ("scale", "zero_point")] if layer.weight else []
+    keys += [f"weight/{layer.site}/levels"] if layer.levels is not None else []
     if layer.act is not None:
         keys += [f"act/{layer.site}/{name}" for name in ("scale", "zero_point", "lo", "hi", "poly_lo", "poly_hi")]
     if layer.transform is not None:
@@ -180,7 +186,7 @@ def _keys(layer: LayerQuantization) -> list[str]:
 def _layer(site: str, record: dict, arrays: dict[str, np.ndarray], sigmas: np.ndarray | None) -> LayerQuantization:
     if not isinstance(record.get("path"), str):
         raise ValueError("no module path")
-    weight_spec = weight = act = None
+    weight_spec = weight = act = levels = None
     if record.get("weight") is not None:
         weight_spec = QuantSpec.from_dict(record["weight"])
         scale, zero_point = arrays[f"weight/{site}/scale"], arrays[f"weight/{site}/zero_point"]
@@ -191,6 +197,12 @@ def _layer(site: str, record: dict, arrays: dict[str, np.ndarray], sigmas: np.nd
         if not (np.all(np.isfinite(zero_point)) and np.all(zero_point == np.round(zero_point))):
             raise ValueError("weight zero points must be integers")
         weight = QParams(scale, zero_point)
+        levels = arrays.get(f"weight/{site}/levels")
+        if levels is not None:
+            if levels.ndim != 2 or levels.shape[0] != scale.shape[0] or levels.shape[1] % scale.shape[1]:
+                raise ValueError(f"weight levels of shape {levels.shape} do not fit grids of shape {scale.shape}")
+            if levels.dtype != np.uint8 or levels.max(initial=0) > weight_spec.qmax:
+                raise ValueError(f"weight levels must be uint8 in 0..{weight_spec.qmax}")
     if record.get("act") is not None:
         if sigmas is None:
             raise ValueError("has an activation schedule but the file has no act_sigmas")
@@ -211,4 +223,4 @@ def _layer(site: str, record: dict, arrays: dict[str, np.ndarray], sigmas: np.nd
         if sigmas is None:
             raise ValueError("has an input transform but the file has no act_sigmas")
         transform = InputTransform(sigmas, shift, divisor)
-    return LayerQuantization(site, record["path"], weight_spec, weight, act, transform)
+    return LayerQuantization(site, record["path"], weight_spec, weight, act, transform, levels)

@@ -194,16 +194,21 @@ class MMDiT(nn.Module):
         if pooled.shape != (B, cfg.pooled_dim):
             raise ValueError(f"pooled must be ({B}, {cfg.pooled_dim}), got {pooled.shape}")
 
+    def embed(self, x: mx.array, t: mx.array, tokens: mx.array, pooled: mx.array) -> tuple[mx.array, ...]:
+        """The first joint block's inputs: text tokens (B, L, D), image tokens (B, h*w, D), conditioning (B, D)."""
+        self.check_inputs(x, t, tokens, pooled)
+        p = self.config.patch_size
+        dtype = self.context_embedder.weight.dtype
+        img = self.x_embedder(x.astype(dtype)) + self.cropped_pos_embed(x.shape[1] // p, x.shape[2] // p)
+        c = self.t_embedder(t) + self.y_embedder(pooled.astype(dtype))
+        return self.context_embedder(tokens.astype(dtype)), img, c
+
     def __call__(self, x: mx.array, t: mx.array, tokens: mx.array, pooled: mx.array) -> mx.array:
         """Velocity for latents x (B, H, W, C) at timesteps t (B,) = 1000 * sigma."""
-        self.check_inputs(x, t, tokens, pooled)
+        txt, img, c = self.embed(x, t, tokens, pooled)
         B, H, W, C = x.shape
         p = self.config.patch_size
         h, w = H // p, W // p
-        dtype = self.context_embedder.weight.dtype
-        img = self.x_embedder(x.astype(dtype)) + self.cropped_pos_embed(h, w)
-        c = self.t_embedder(t) + self.y_embedder(pooled.astype(dtype))  # (B, D)
-        txt = self.context_embedder(tokens.astype(dtype))
         for block in self.joint_blocks:
             txt, img = block(txt, img, c)
         out = self.final_layer(img, c)  # (B, h*w, p*p*C)

@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from taq.formats.quantization import LayerQuantization, Quantization
-from taq.quant.grid import fake_quant, fake_quant_affine
+from taq.quant.grid import dequantize, fake_quant, fake_quant_affine
 from taq.quant.schedules import dynamic_grid
 from taq.sampling.schedule import timestep_to_sigma
 
@@ -47,7 +47,10 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{layer.site}: weight grids of shape {tuple(layer.weight.scale.shape)} do not fit "
                                  f"the weight {tuple(weight.shape)} ({spec.granularity} needs {expected})")
             params = type(layer.weight)(mx.array(layer.weight.scale), mx.array(layer.weight.zero_point))
-            weight = fake_quant(weight.astype(mx.float32), params, spec).astype(weight.dtype)
+            if layer.levels is not None:  # rounding chosen by reconstruction
+                weight = dequantize(mx.array(layer.levels), params, spec).astype(weight.dtype)
+            else:
+                weight = fake_quant(weight.astype(mx.float32), params, spec).astype(weight.dtype)
         if self.transform is not None and self.transform.channels != weight.shape[1]:
             raise ValueError(f"{layer.site}: an input transform of {self.transform.channels} channels does not fit "
                              f"the weight {tuple(weight.shape)}")
