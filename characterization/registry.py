@@ -2,7 +2,7 @@
 model (taq.quant.claims)."""
 
 from taq.analysis.claims import CLAIMS
-from taq.quant.claims import BITS, GROUPS, TIME_AWARE
+from taq.quant.claims import CLAIM_ROWS, QUANT_CLAIMS
 
-ALL_CLAIMS = {**CLAIMS, TIME_AWARE.name: TIME_AWARE}
-QUANT_CLAIM_LAYERS = [f"A{bits}:{group}" for bits in BITS for group in GROUPS]  # the quantizer claim's rows
+ALL_CLAIMS = {**CLAIMS, **QUANT_CLAIMS}
+QUANT_CLAIM_LAYERS = CLAIM_ROWS  # claim -> its rows ("A{bits}:{group}")

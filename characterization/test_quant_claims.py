@@ -1,23 +1,41 @@
-"""The quantizer's claim on the model under test: time-aware activation grids reduce its output error at the same
-bits, per activation bit width and layer group (rows `A{bits}:{group}`). Measured by `taq.quant.claims`; which rows
-hold is in the expectations file like the statistics claims (strict xfail where it does not hold)."""
+"""The quantizer's claims on the model under test, per activation bit width (and layer group, rows
+`A{bits}:{group}`): time-aware activation grids, TaQ-DiT's shifting and its outlier migration each reduce the
+quantized model's output error at the same bits. Measured by `taq.quant.claims`; which rows hold is in the
+expectations file like the statistics claims (strict xfail where it does not hold)."""
 
 import pytest
 
 from taq.formats.calibration import load_calibration
-from taq.quant.claims import BITS, measure_time_aware_gain
+from taq.quant.claims import BITS, MIGRATION, SHIFTING, TIME_AWARE, measure_claim
 
 CALIBRATION_POINTS = 256  # TaQ-DiT initialises its activation quantizers on 256 calibration points
 HELD_OUT_POINTS = 48
 
 
 @pytest.fixture(scope="module")
-def time_aware_gains(model, calibration_path) -> dict:
+def quant_claims(model, calibration_path) -> dict:
+    """claim -> row -> Measurement, measured on first use of each claim."""
     cal = load_calibration(calibration_path)
-    return {m.layer: m for bits in BITS for m in measure_time_aware_gain(
-        model, cal, bits, num_samples=CALIBRATION_POINTS, eval_points=HELD_OUT_POINTS)}
+    cache: dict = {}
+
+    def measured(claim: str) -> dict:
+        if claim not in cache:
+            cache[claim] = {m.layer: m for bits in BITS for m in measure_claim(
+                model, cal, claim, bits, num_samples=CALIBRATION_POINTS, eval_points=HELD_OUT_POINTS)}
+        return cache[claim]
+    return measured
 
 
-@pytest.mark.claim("time_aware_activation_error")
-def test_time_aware_activation_error(layer, check_claim, time_aware_gains):
-    check_claim(layer, time_aware_gains[layer])
+@pytest.mark.claim(TIME_AWARE.name)
+def test_time_aware_activation_error(layer, check_claim, quant_claims):
+    check_claim(layer, quant_claims(TIME_AWARE.name)[layer])
+
+
+@pytest.mark.claim(SHIFTING.name)
+def test_shifting_post_gelu_error(layer, check_claim, quant_claims):
+    check_claim(layer, quant_claims(SHIFTING.name)[layer])
+
+
+@pytest.mark.claim(MIGRATION.name)
+def test_migration_fc2_error(layer, check_claim, quant_claims):
+    check_claim(layer, quant_claims(MIGRATION.name)[layer])

@@ -2,6 +2,7 @@
 must beat round-to-nearest on the blocks it trains, deterministically and resumably."""
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -127,6 +128,9 @@ def test_reconstruction_is_deterministic_resumable_and_survives_the_file(pocket_
     for site, layer in result.layers.items():
         np.testing.assert_array_equal(again.layers[site].levels, layer.levels)
         np.testing.assert_array_equal(again.layers[site].act.scale, layer.act.scale)
+    (folder / "block_01.safetensors").unlink()  # interrupted after block 0: the rerun trains block 1 alone
+    interrupted = reconstruct(pocket_model, pocket_set, rtn, config, resume_dir=folder, progress=False)
+    assert all(np.array_equal(interrupted.layers[s].levels, layer.levels) for s, layer in result.layers.items())
     monkeypatch.setattr(rec, "_reconstruct_block", lambda *a, **k: pytest.fail("a finished block was retrained"))
     resumed = reconstruct(pocket_model, pocket_set, rtn, config, resume_dir=folder, progress=False)
     path = tmp_path / "q.safetensors"
@@ -143,6 +147,20 @@ def test_separate_reconstruction_trains_rounding_then_steps(pocket_model, pocket
     config = ReconstructionConfig(mode="separate", iters=10, num_samples=8, batch_size=16)
     result = reconstruct(pocket_model, pocket_set, rtn, config, progress=False)
     assert all(layer.levels is not None for layer in result.layers.values())
+
+
+def test_the_regulariser_drives_every_rounding_to_floor_or_ceiling(pocket_model, rtn):
+    """AdaRound's end state: with the regulariser alone at the final beta, h leaves the open interval (0, 1)."""
+    layer = rtn.layers["mm_00_txt.proj"]
+    module = ReconstructedLinear(dict(pocket_model.mmdit.named_modules())[layer.path], layer, drop_prob=0.0)
+    grad = mx.grad(lambda alpha: mx.sum(1 - mx.power(mx.abs(2 * rectified_sigmoid(alpha) - 1), 2.0)))
+    optimizer = optim.Adam(learning_rate=0.1)
+    params = {"alpha": module.alpha}
+    for _ in range(300):
+        params = optimizer.apply_gradients({"alpha": grad(params["alpha"])}, params)
+        mx.eval(params)
+    h = np.array(rectified_sigmoid(params["alpha"]))
+    assert np.mean((h > 0) & (h < 1)) < 0.01
 
 
 def test_reconstruction_refuses_bad_settings():

@@ -1,12 +1,16 @@
-"""The quantizer's own claim, measured on the model rather than on histograms: time-aware activation grids reduce
-the quantized model's output error at the same bits.
+"""The quantizer's own claims, measured on the model rather than on histograms: a method lowers the quantized
+model's output error at the same bits.
 
-For a bit width and a group of layers (all quantized layers, or only the qkv / proj / fc1 / fc2 inputs), only those
-layers' inputs are quantized (weights stay in full precision, so the activation grids are all that differs), once
-with a static grid and once with a grid per timestep, both from the same observations. Both models predict the
-velocity at the same held-out calibration points; per point, the output MSE against full precision. The number
-is the relative error reduction 1 - sum(e_per_timestep) / sum(e_static) with a paired bootstrap 95% interval over
-points; the claim holds when the interval's lower end is above 0.
+- `time_aware_activation_error`: per-timestep activation grids against one static grid, per activation width and
+  layer group (all quantized layers, or only the qkv / proj / fc1 / fc2 inputs);
+- `shifting_post_gelu_error`: TaQ-DiT's shifting of the post-GELU (fc2) inputs against none;
+- `migration_fc2_error`: TaQ-DiT's outlier migration on the shifted fc2 inputs against none.
+
+Only the named layers' inputs are quantized (weights stay in full precision, so the activation side is all that
+differs), once without and once with the method, from the same observations. Both models predict the velocity at
+the same held-out calibration points; per point, the output MSE against full precision. The number is the
+relative error reduction 1 - sum(e_method) / sum(e_baseline) with a paired bootstrap 95% interval over points;
+a claim holds when the interval's lower end is above 0.
 """
 
 from __future__ import annotations
@@ -23,16 +27,53 @@ from taq.quant.calibration import QuantConfig, calibrate_quantizations
 from taq.quant.modules import quantize_model
 from taq.tracing.plan import ForwardBatch, batch_inputs
 
-CLAIM = "time_aware_activation_error"
 THRESHOLD = 0.0
-# Measured on the model (measure_time_aware_gain), not from statistics arrays: no `compute`.
-TIME_AWARE = Claim(CLAIM, THRESHOLD, "lower end of the 95% interval of 1 - output MSE with per-timestep activation "
-                   "grids / with a static grid (paired over held-out calibration points; weights full precision)",
-                   "Time-aware quantization pays off in the model itself: with a grid per timestep instead of one for "
-                   "all timesteps, the quantized model's output error at the same activation bits is lower (the 95% "
-                   "interval of the relative reduction lies above 0).", compute=None)
+MIGRATION_THRESHOLD = 2.0  # pocket's post-GELU channels are even: at 4x the median almost none qualify
+
+
+def _claim(name: str, measure: str, observation: str) -> Claim:
+    # Measured on the model (paired_gain), not from statistics arrays: no `compute`.
+    return Claim(name, THRESHOLD, measure, observation, compute=None)
+
+
+TIME_AWARE = _claim(
+    "time_aware_activation_error", "lower end of the 95% interval of 1 - output MSE with per-timestep activation "
+    "grids / with a static grid (paired over held-out calibration points; weights full precision)",
+    "Time-aware quantization pays off in the model itself: with a grid per timestep instead of one for all "
+    "timesteps, the quantized model's output error at the same activation bits is lower (the 95% interval of the "
+    "relative reduction lies above 0).")
+SHIFTING = _claim(
+    "shifting_post_gelu_error", "lower end of the 95% interval of 1 - output MSE with shifted / unshifted post-GELU "
+    "inputs (fc2 inputs alone quantized, per-timestep grids, weights full precision)",
+    "TaQ-DiT's shifting: centring each post-GELU channel on its midrange before the per-tensor quantizer lowers "
+    "the quantized model's output error at the same bits.")
+MIGRATION = _claim(
+    "migration_fc2_error", "lower end of the 95% interval of 1 - output MSE with / without outlier migration "
+    f"(fc2 inputs, shifted, per-timestep grids, channels over {MIGRATION_THRESHOLD:g}x the median range)",
+    "TaQ-DiT's outlier migration: moving the range of outlier post-GELU channels into fc2's weight columns lowers "
+    "the output error of fc2's quantized inputs.")
 BITS = (8, 6, 4)
 GROUPS = {"all": None, "qkv": ("*.qkv",), "proj": ("*.proj",), "fc1": ("*.fc1",), "fc2": ("*.fc2",)}
+QUANT_CLAIMS = {claim.name: claim for claim in (TIME_AWARE, SHIFTING, MIGRATION)}
+CLAIM_ROWS = {TIME_AWARE.name: [f"A{bits}:{group}" for bits in BITS for group in GROUPS],
+              SHIFTING.name: [f"A{bits}:fc2" for bits in BITS], MIGRATION.name: [f"A{bits}:fc2" for bits in BITS]}
+
+
+def claim_pairs(claim: str, bits: int, num_samples: int, seed: int,
+                observer: str) -> dict[str, tuple[QuantConfig, QuantConfig]]:
+    """Row -> (baseline, method) configurations of one claim at `bits`-bit activations (weights full precision)."""
+    base = QuantConfig(weight_bits=None, act_bits=bits, act_observer=observer, num_samples=num_samples, seed=seed,
+                       batch_size=16)
+    if claim == TIME_AWARE.name:
+        return {f"A{bits}:{group}": (replace(base, layers=layers, act_mode="static"), replace(base, layers=layers))
+                for group, layers in GROUPS.items()}
+    post_gelu = replace(base, layers=GROUPS["fc2"])
+    if claim == SHIFTING.name:
+        return {f"A{bits}:fc2": (post_gelu, replace(post_gelu, shift=True))}
+    if claim == MIGRATION.name:
+        shifted = replace(post_gelu, shift=True)
+        return {f"A{bits}:fc2": (shifted, replace(shifted, migrate=MIGRATION_THRESHOLD))}
+    raise ValueError(f"unknown quantizer claim {claim!r}; known: {', '.join(QUANT_CLAIMS)}")
 
 
 def held_out_points(cal: CalibrationSet, calibration_points: int, count: int, seed: int) -> np.ndarray:
@@ -56,32 +97,31 @@ def output_errors(outputs: list[mx.array], reference: list[mx.array]) -> np.ndar
     return np.array([float(mx.mean(mx.square(a - b))) for a, b in zip(outputs, reference)])
 
 
-def measure_time_aware_gain(model: Model, cal: CalibrationSet, bits: int, groups=tuple(GROUPS), *,
-                            num_samples: int = 64, eval_points: int = 48, seed: int = 0,
-                            observer: str = "minmax") -> list[Measurement]:
-    """One Measurement per group (layer name "A{bits}:{group}") at `bits`-bit activations."""
+def measure_claim(model: Model, cal: CalibrationSet, claim: str, bits: int, *, num_samples: int = 64,
+                  eval_points: int = 48, seed: int = 0, observer: str = "minmax") -> list[Measurement]:
+    """One Measurement per row of `claim` at `bits`-bit activations: the relative output-error reduction of the
+    method over its baseline, 1 - sum(e_method) / sum(e_baseline), with a paired bootstrap 95% interval over
+    held-out points; the value is the interval's lower end."""
     from scipy.stats import bootstrap
 
-    base = QuantConfig(weight_bits=None, act_bits=bits, act_observer=observer, num_samples=num_samples, seed=seed,
-                       batch_size=16)
-    configs = [replace(base, layers=GROUPS[group], act_mode=mode) for group in groups
-               for mode in ("static", "per-timestep")]
+    pairs = claim_pairs(claim, bits, num_samples, seed, observer)
+    configs = [config for pair in pairs.values() for config in pair]
     quantizations = calibrate_quantizations(model, cal, configs, progress=False)
     points = held_out_points(cal, num_samples, eval_points, seed)
     reference = point_outputs(cal, points, model.mmdit)
     results = []
-    for k, group in enumerate(groups):
+    for k, row in enumerate(pairs):
         errors = []
         for quantization in quantizations[2 * k: 2 * k + 2]:
             with quantize_model(model.mmdit, quantization) as quantized:
                 errors.append(output_errors(point_outputs(cal, points, quantized), reference))
-        static, per_timestep = errors
-        statistic = lambda s, p: 1 - np.sum(p) / np.sum(s)  # noqa: E731
-        ci = bootstrap((static, per_timestep), statistic, paired=True, vectorized=False, n_resamples=1999,
+        baseline, method = errors
+        statistic = lambda b, m: 1 - np.sum(m) / np.sum(b)  # noqa: E731
+        ci = bootstrap((baseline, method), statistic, paired=True, vectorized=False, n_resamples=1999,
                        confidence_level=0.95, method="percentile", random_state=seed).confidence_interval
-        mean = statistic(static, per_timestep)
-        results.append(Measurement(CLAIM, f"A{bits}:{group}", float(ci.low), THRESHOLD,
+        mean = statistic(baseline, method)
+        results.append(Measurement(claim, row, float(ci.low), THRESHOLD,
                                    f"error reduction {mean:+.1%} [{ci.low:+.1%}, {ci.high:+.1%}] over "
-                                   f"{len(points)} held-out points (output MSE static {static.mean():.3g}, "
-                                   f"per-timestep {per_timestep.mean():.3g})"))
+                                   f"{len(points)} held-out points (output MSE baseline {baseline.mean():.3g}, "
+                                   f"method {method.mean():.3g})"))
     return results
