@@ -108,26 +108,57 @@ def _per_batch(v: mx.array, x: mx.array) -> mx.array:
     return v.reshape(x.shape[0], x.shape[-1]).astype(x.dtype)
 
 
+def _layer_norm(x: mx.array, eps: mx.array) -> mx.array:
+    """LayerNorm without affine in MLX ops, eps an array (for the kernels' VJPs, which see it as a primal)."""
+    x32 = x.astype(mx.float32)
+    mean = mx.mean(x32, axis=-1, keepdims=True)
+    var = mx.mean(mx.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * mx.rsqrt(var + eps)).astype(x.dtype)
+
+
 def norm_modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
     """LayerNorm without affine, then adaLN modulation: norm(x) * (1 + scale) + shift; shift, scale (B, 1, D)."""
     if not _use_kernel(x):
         return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
+    return _norm_modulate_kernel(x, shift, scale, mx.array([eps], dtype=mx.float32))
+
+
+@mx.custom_function
+def _norm_modulate_kernel(x: mx.array, shift: mx.array, scale: mx.array, eps: mx.array) -> mx.array:
     B, N, D = x.shape
     return _kernel("taq_norm_modulate", NORM_MODULATE, ("x", "shift", "scale", "eps"))(
-        inputs=[x, _per_batch(shift, x), _per_batch(scale, x), mx.array([eps], dtype=mx.float32)],
+        inputs=[x, _per_batch(shift, x), _per_batch(scale, x), eps],
         template=[("T", x.dtype), ("D", D)], grid=(B * N * 32, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+
+@_norm_modulate_kernel.vjp
+def _norm_modulate_vjp(primals, cotangent, output):
+    """The kernels have no derivative of their own: the MLX ops' (block reconstruction trains through them)."""
+    x, shift, scale, eps = primals
+    grads = mx.vjp(lambda a, b, c: _layer_norm(a, eps) * (1 + c) + b, [x, shift, scale], [cotangent])[1]
+    return (*grads, mx.zeros_like(eps))
 
 
 def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     """The gated residual x + gate * y; gate (B, 1, D)."""
     if not (_use_kernel(x) and y.shape == x.shape):
         return x + gate * y
+    return _gated_add_kernel(x, gate, y)
+
+
+@mx.custom_function
+def _gated_add_kernel(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     B, N, D = x.shape
     return _kernel("taq_gated_add", GATED_ADD, ("x", "gate", "y"))(
         inputs=[x, _per_batch(gate, x), y.astype(x.dtype)], template=[("T", x.dtype), ("D", D)],
         grid=(B * N * D // VEC, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+
+@_gated_add_kernel.vjp
+def _gated_add_vjp(primals, cotangent, output):
+    return tuple(mx.vjp(lambda a, g, b: a + g * b, list(primals), [cotangent])[1])
 
 
 def _on_cpu() -> bool:
@@ -259,12 +290,35 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if _use_kernel(x):
-            return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
-                inputs=[x], template=[("T", x.dtype), ("TANH", self.form == "tanh")],
-                grid=(x.size // VEC, 1, 1), threadgroup=(THREADS, 1, 1),
-                output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+            return (_gelu_tanh_kernel if self.form == "tanh" else _gelu_exact_kernel)(x)
         if self.form == "exact":
             return nn.gelu(x)
         if _on_cpu() and x.dtype != mx.float64:
             return gelu_tanh_cpu(x)
         return nn.gelu_approx(x)
+
+
+def _gelu_kernel(x: mx.array, tanh: bool) -> mx.array:
+    return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
+        inputs=[x], template=[("T", x.dtype), ("TANH", tanh)], grid=(x.size // VEC, 1, 1),
+        threadgroup=(THREADS, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+
+@mx.custom_function
+def _gelu_tanh_kernel(x: mx.array) -> mx.array:
+    return _gelu_kernel(x, True)
+
+
+@_gelu_tanh_kernel.vjp
+def _gelu_tanh_kernel_vjp(x, cotangent, output):
+    return mx.vjp(nn.gelu_approx, [x], [cotangent])[1][0]
+
+
+@mx.custom_function
+def _gelu_exact_kernel(x: mx.array) -> mx.array:
+    return _gelu_kernel(x, False)
+
+
+@_gelu_exact_kernel.vjp
+def _gelu_exact_kernel_vjp(x, cotangent, output):
+    return mx.vjp(nn.gelu, [x], [cotangent])[1][0]
