@@ -298,27 +298,19 @@ class GELU(nn.Module):
         return nn.gelu_approx(x)
 
 
-def _gelu_kernel(x: mx.array, tanh: bool) -> mx.array:
-    return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
-        inputs=[x], template=[("T", x.dtype), ("TANH", tanh)], grid=(x.size // VEC, 1, 1),
-        threadgroup=(THREADS, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+def _gelu_kernel_function(tanh: bool, reference):
+    """The GELU kernel as a custom function whose VJP is the MLX form's (`reference`)."""
+    @mx.custom_function
+    def gelu(x: mx.array) -> mx.array:
+        return _kernel("taq_gelu", GELU_SOURCE, ("x",))(
+            inputs=[x], template=[("T", x.dtype), ("TANH", tanh)], grid=(x.size // VEC, 1, 1),
+            threadgroup=(THREADS, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+    @gelu.vjp
+    def gelu_vjp(x, cotangent, output):
+        return mx.vjp(reference, [x], [cotangent])[1][0]
+    return gelu
 
 
-@mx.custom_function
-def _gelu_tanh_kernel(x: mx.array) -> mx.array:
-    return _gelu_kernel(x, True)
-
-
-@_gelu_tanh_kernel.vjp
-def _gelu_tanh_kernel_vjp(x, cotangent, output):
-    return mx.vjp(nn.gelu_approx, [x], [cotangent])[1][0]
-
-
-@mx.custom_function
-def _gelu_exact_kernel(x: mx.array) -> mx.array:
-    return _gelu_kernel(x, False)
-
-
-@_gelu_exact_kernel.vjp
-def _gelu_exact_kernel_vjp(x, cotangent, output):
-    return mx.vjp(nn.gelu, [x], [cotangent])[1][0]
+_gelu_tanh_kernel = _gelu_kernel_function(True, nn.gelu_approx)
+_gelu_exact_kernel = _gelu_kernel_function(False, nn.gelu)

@@ -46,7 +46,7 @@ from taq.formats.calibration import CalibrationSet
 from taq.formats.container import atomic_path
 from taq.formats.quantization import LayerQuantization, Quantization
 from taq.loading import Model
-from taq.quant.grid import grad_scale, group_view, lsq_grad_factor, round_ste
+from taq.quant.grid import fake_quant_affine, grad_scale, group_view, lsq_grad_factor
 from taq.quant.schedules import ActivationSchedule, nearest_index
 from taq.quant.transforms import InputTransform
 from taq.sampling.schedule import timestep_to_sigma
@@ -191,9 +191,7 @@ class ReconstructedLinear(nn.Module):
                 scale, zero = act.grid_at(self._sigma)
                 scale, zero = mx.stop_gradient(scale), mx.stop_gradient(zero)
             shape = (-1,) + (1,) * (x.ndim - 1)
-            q = round_ste(x / scale.reshape(shape)) + zero.reshape(shape)
-            q = mx.where(q < 0, 0, mx.where(q > act.qmax, act.qmax, q))
-            quantized = (q - zero.reshape(shape)) * scale.reshape(shape)
+            quantized = fake_quant_affine(x, scale.reshape(shape), zero.reshape(shape), 0, act.qmax)
             if self.training and self.drop_prob > 0:
                 keep = mx.random.bernoulli(1 - self.drop_prob, x.shape)
                 quantized = mx.where(keep, quantized, x)
