@@ -13,19 +13,19 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from taq.analysis.cells import display_order
-from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE
+from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE, UNDECIDED
 
 from characterization.registry import ALL_CLAIMS
 from taq.formats import atomic_path
 from taq.report.plots import save_figure
 
-UNEXPECTED = "unexpected"  # the outcome differs from the expectations file
-OUTCOME_COLORS = {HOLDS: "tab:green", DOES_NOT_HOLD: "tab:grey"}
+UNEXPECTED = "unexpected"  # the outcome contradicts the expectations file (the suite fails)
+OUTCOME_COLORS = {HOLDS: "tab:green", DOES_NOT_HOLD: "tab:blue", UNDECIDED: "tab:orange"}
 CLAIMS_DIR = "claims"
 
 
 def tally(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
-    """claim -> {holds: n, does not hold: n, unexpected: n} for every claim that has records, in ALL_CLAIMS order."""
+    """claim -> {holds: n, does not hold: n, undecided: n, unexpected: n} for every claim that has records, in ALL_CLAIMS order."""
     counts = {claim: Counter() for claim in ALL_CLAIMS}
     for record in records:
         counts.setdefault(record["claim"], Counter())[record["outcome"]] += 1
@@ -43,18 +43,23 @@ def _cell(text) -> str:
 
 def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
     lines = [f"# Claims: {context.get('model', '?')} ({context.get('recipe', '?')} recipe)", "",
-             f"A claim holds for a layer when its measured value is >= its threshold. {UNEXPECTED}: the outcome "
-             "differs from the expectations file (the suite fails).", "",
-             f"| claim | {HOLDS} | {DOES_NOT_HOLD} | {UNEXPECTED} | threshold | measure |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+             "A claim holds for a layer when its measured value is >= its threshold; where the value has a 95% "
+             "interval, when the whole interval lies above it, and it is undecided when the interval touches or "
+             "straddles the threshold. "
+             f"{UNEXPECTED}: the outcome contradicts the expectations file (the suite fails).", "",
+             f"| claim | {HOLDS} | {DOES_NOT_HOLD} | {UNDECIDED} | {UNEXPECTED} | threshold | measure |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for claim, counts in tally(records).items():
         lines.append(f"| [{claim}]({CLAIMS_DIR}/{claim}.png) | {counts[HOLDS]} | {counts[DOES_NOT_HOLD]} | "
-                     f"{counts[UNEXPECTED]} | {ALL_CLAIMS[claim].threshold:g} | {_cell(ALL_CLAIMS[claim].measure)} |")
-    lines += ["", "| claim | layer | measured | threshold | outcome | expected | note |",
-              "| --- | --- | ---: | ---: | --- | --- | --- |"]
+                     f"{counts[UNDECIDED]} | {counts[UNEXPECTED]} | {ALL_CLAIMS[claim].threshold:g} | "
+                     f"{_cell(ALL_CLAIMS[claim].measure)} |")
+    lines += ["", "| claim | layer | measured | 95% interval | threshold | outcome | expected | note |",
+              "| --- | --- | ---: | --- | ---: | --- | --- | --- |"]
     for r in records:
         outcome = r["outcome"] + ("" if r.get("as_expected", True) else f" ({UNEXPECTED})")
-        lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {r['threshold']:g} | "
+        interval = r.get("interval")
+        shown = f"[{_number(interval[0])}, {_number(interval[1])}]" if interval else ""
+        lines.append(f"| {r['claim']} | {r['layer']} | {_number(r['measured'])} | {shown} | {r['threshold']:g} | "
                      f"{outcome} | {r['expected']} | {_cell(r['note'])} |")
     lines += ["", f"## What each threshold encodes ({REFERENCE})", ""]
     lines += [f"- **{name}** (>= {c.threshold:g}): {c.observation}" for name, c in ALL_CLAIMS.items()]
@@ -62,23 +67,32 @@ def claims_markdown(records: Sequence[Mapping], context: Mapping) -> str:
 
 
 def claim_figure(records: Sequence[Mapping], claim: str) -> Figure:
-    """Measured value per layer against the threshold, bars colored by outcome (red edge: unexpected)."""
+    """Measured value per layer (with its 95% interval where it has one) against the threshold, coloured by
+    outcome (red ring: unexpected). Points, not bars from 0, so 1.02 against a threshold of 1.1 stays visible."""
     rows = [r for r in records if r["claim"] == claim]
     rows = [rows[i] for i in display_order([r["layer"] for r in rows])]
     values = np.array([r["measured"] for r in rows], dtype=np.float64)
     threshold = ALL_CLAIMS[claim].threshold
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
-    shown = np.where(np.isfinite(values), values, np.nan)
-    bars = ax.bar(range(len(rows)), shown, color=[OUTCOME_COLORS.get(r["outcome"], "grey") for r in rows],
-                  edgecolor=["red" if not r.get("as_expected", True) else "none" for r in rows], linewidth=2)
-    ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    for x, (row, value) in enumerate(zip(rows, values)):
+        if not math.isfinite(value):
+            continue
+        color = OUTCOME_COLORS.get(row["outcome"], "grey")
+        interval = row.get("interval")
+        if interval is not None:
+            ax.vlines(x, interval[0], interval[1], color=color, lw=2, alpha=0.6)
+        ax.plot(x, value, "o", color=color, ms=7, markeredgecolor="red" if not row.get("as_expected", True)
+                else color, markeredgewidth=2)
+        ax.annotate(f"{value:.3g}", (x, value), xytext=(5, 0), textcoords="offset points", fontsize=7,
+                    va="center")
     ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel(claim)
     ax.set_title(f"{claim}: {ALL_CLAIMS[claim].measure}", fontsize=9, wrap=True)
     outcomes = [Patch(color=color, label=o) for o, color in OUTCOME_COLORS.items()]
-    ax.legend(handles=[ax.get_lines()[0], *outcomes], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(handles=[ax.get_lines()[-1], *outcomes], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     missing = [r["layer"] for r, v in zip(rows, values) if not math.isfinite(v)]
     if missing:
         fig.text(0.01, 0.01, f"not finite (not drawn): {', '.join(missing)}", color="firebrick", fontsize=8)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import taq  # noqa: F401  (loads OpenBLAS before mlx.core)
-from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, Measurement, measure
+from taq.analysis.claims import CLAIMS, DOES_NOT_HOLD, Measurement, measure
 from taq.config import get_preset
 from taq.formats import atomic_path
 from taq.formats import calibration as calibration_format
@@ -25,7 +25,8 @@ from taq.tracing import mmdit_layer_paths
 
 from characterization.claims_table import tally, write_claims
 from characterization.registry import ALL_CLAIMS, QUANT_CLAIM_LAYERS
-from characterization.expectations import Expectations, expectations_path, load_expectations, updated
+from characterization.expectations import Expectations, contradicts, expectations_path, load_expectations
+from characterization.expectations import updated
 from characterization.expectations import write_expectations
 
 SUITE = pytest.StashKey["Suite"]()
@@ -116,12 +117,13 @@ def pytest_generate_tests(metafunc):
     params = []
     for layer in (suite.layers if claim in CLAIMS else QUANT_CLAIM_LAYERS[claim]):
         marks = []
-        if suite.expectations.expected(claim, layer) is False and not suite.update_expectations:
+        if suite.expectations.expected(claim, layer) == DOES_NOT_HOLD and not suite.update_expectations:
             then = suite.expectations.measured.get((claim, layer), "?")
+            interval = suite.expectations.intervals.get((claim, layer))
+            then = f"{then}, 95% interval {interval}" if interval else f"{then} < {ALL_CLAIMS[claim].threshold:g}"
             marks.append(pytest.mark.xfail(strict=True, reason=(
                 f"{expectations_path(suite.model_name).name} says it does not hold for this layer (measured {then} "
-                f"< {ALL_CLAIMS[claim].threshold:g} when written); if it now holds and that is intended, run with "
-                "--taq-update-expectations")))
+                "when written); if it now holds and that is intended, run with --taq-update-expectations")))
         params.append(pytest.param(layer, id=layer, marks=marks))
     metafunc.parametrize("layer", params)
 
@@ -163,25 +165,29 @@ def stats_arrays(stats_file) -> dict:
 @pytest.fixture
 def check_claim(request, suite):
     """check_claim(layer[, result]): the test's claim (its `claim` marker) for the layer, measured from the
-    statistics unless a Measurement is given; its row goes into the claims table; fails if it does not hold."""
+    statistics unless a Measurement is given; its row goes into the claims table. Fails when the outcome
+    contradicts the expectations file (or does not hold for a pair the file does not list); a pair that does not
+    hold, or is undecided, without contradicting it is an xfail."""
     claim = request.node.get_closest_marker("claim").args[0]
 
     def check(layer: str, result: Measurement | None = None) -> None:
         if result is None:
             result = measure(request.getfixturevalue("stats_arrays"), layer, claim)
         expected = suite.expectations.expected(claim, layer)
-        as_expected = suite.update_expectations or result.holds == (expected is not False)
-        surprise = "" if as_expected else (
-            "holds, expected not to; " if result.holds else "does not hold, expected to; ")
+        failing = contradicts(expected, result.outcome) and not suite.update_expectations
+        changed = "" if suite.update_expectations or expected in (None, result.outcome) else (
+            f"{result.outcome}, expected {expected}; ")
         suite.records[request.node.nodeid] = {
-            "claim": claim, "layer": layer, "measured": result.value, "threshold": result.threshold,
-            "outcome": result.outcome, "expected": {True: HOLDS, False: DOES_NOT_HOLD, None: "not listed"}[expected],
-            "as_expected": as_expected, "note": surprise + result.note}
+            "claim": claim, "layer": layer, "measured": result.value, "interval": result.interval,
+            "threshold": result.threshold, "outcome": result.outcome, "expected": expected or "not listed",
+            "as_expected": not failing, "note": changed + result.note}
         if result.holds:
             return
-        message = (f"{claim} does not hold for {layer}: measured {result.value:.4g} < threshold "
-                   f"{result.threshold:g} ({result.note}).\nTaQ-DiT: {ALL_CLAIMS[claim].observation}")
-        if suite.update_expectations:
+        shown = f"{result.value:.4g}" + (f", 95% interval [{result.interval[0]:.4g}, {result.interval[1]:.4g}]"
+                                         if result.interval else "")
+        message = (f"{claim} {result.outcome} for {layer}: measured {shown}, threshold {result.threshold:g} "
+                   f"({result.note}).\nTaQ-DiT: {ALL_CLAIMS[claim].observation}")
+        if not failing:
             pytest.xfail(message)
         if expected is None:
             message += (f"\n{expectations_path(suite.model_name)} does not list this pair; "

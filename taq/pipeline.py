@@ -105,8 +105,8 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
 
 def claim_rows(arrays: dict) -> list[dict]:
     """Every claim for every layer as report rows."""
-    return [{"claim": m.claim, "layer": m.layer, "measured": m.value, "threshold": m.threshold,
-             "outcome": m.outcome, "note": m.note} for m in measure_all(arrays)]
+    return [{"claim": m.claim, "layer": m.layer, "measured": m.value, "interval": m.interval,
+             "threshold": m.threshold, "outcome": m.outcome, "note": m.note} for m in measure_all(arrays)]
 
 
 def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, log: Log = print) -> Path:

@@ -20,6 +20,8 @@ CLAIMS = [
      "outcome": "does not hold", "expected": "does not hold", "as_expected": True, "note": "tiny model"},
     {"claim": "outlier ratio > 10", "layer": "mm_00_txt", "measured": 6.5, "threshold": 10,
      "outcome": "does not hold", "expected": "holds", "as_expected": False, "note": "<b>raw & unescaped?</b>"},
+    {"claim": "shifting lowers the error", "layer": "A6:fc2", "measured": 0.02, "interval": [-0.01, 0.05],
+     "threshold": 0.0, "outcome": "undecided", "expected": "holds", "as_expected": True, "note": ""},
 ]
 BENCHMARKS = {
     "datetime": "2026-11-25T10:00:00", "machine_info": {"node": "ci", "cpu": {"brand_raw": "Xeon"}},
@@ -92,8 +94,10 @@ def test_report_summary_table_holds_every_layer(report, stats):
 
 def test_report_claims_benchmarks_and_metadata(report):
     _, page = report
-    assert "1 holds, 2 does not hold; 1 differs from the expectations file." in page
-    for kind, outcome in (("holds", "holds"), ("not", "does not hold"), ("unexpected", "unexpected")):
+    assert "1 holds, 2 does not hold, 1 undecided; 1 contradicts the expectations file." in page
+    assert f"<td>[{format_value(-0.01)}, {format_value(0.05)}]</td>" in page
+    for kind, outcome in (("holds", "holds"), ("not", "does not hold"), ("undecided", "undecided"),
+                          ("unexpected", "unexpected")):
         assert f'<span class="outcome outcome-{kind}">{outcome}</span>' in page
     assert "&lt;b&gt;raw &amp; unescaped?&lt;/b&gt;" in page and "<b>raw" not in page
     assert "characterization/test_bench.py::test_cfg_step" in page and "12.3 ms" in page and "11.9 ms" in page

@@ -2,7 +2,11 @@
 
 Each `Claim` is one number per layer, computed from the statistics arrays (`ActivationStats.to_arrays()`, a stats
 file's `.arrays`) by a pure NumPy function of `taq.analysis.measures`, with the threshold it must reach, what the
-number is and the observation it encodes. A claim *holds* for a layer when its number is >= the threshold.
+number is and the observation it encodes. A claim *holds* for a layer when its number is >= the threshold. A
+measurement with a 95% interval (the quantizer's claims, `taq.quant.claims`) is decided by the interval instead:
+it holds when the whole interval lies above the threshold, does not hold when it lies below, and is *undecided*
+when the interval touches or straddles it (the data cannot tell a finding from noise; a method identical to its
+baseline, interval [0, 0], is undecided too).
 `measure(arrays, layer, claim)` gives a `Measurement`; `measure_all(arrays)` does every claim for every layer.
 """
 
@@ -22,8 +26,8 @@ from taq.analysis.quant_error import time_aware_mse
 from taq.config import lookup
 
 REFERENCE = "TaQ-DiT: Time-aware Quantization for Diffusion Transformers (arXiv:2411.14172)"
-HOLDS, DOES_NOT_HOLD = "holds", "does not hold"
-OUTCOMES = (HOLDS, DOES_NOT_HOLD)
+HOLDS, DOES_NOT_HOLD, UNDECIDED = "holds", "does not hold", "undecided"
+OUTCOMES = (HOLDS, DOES_NOT_HOLD, UNDECIDED)
 
 Compute = Callable[[dict, int], tuple[float, str]]  # (stats arrays, layer row) -> (value, supporting note)
 
@@ -41,17 +45,23 @@ class Claim:
 class Measurement:
     claim: str
     layer: str
-    value: float
+    value: float  # the point estimate
     threshold: float
     note: str
-
-    @property
-    def holds(self) -> bool:
-        return bool(self.value >= self.threshold)  # NaN never holds
+    interval: tuple[float, float] | None = None  # its 95% interval, where the measure has one
 
     @property
     def outcome(self) -> str:
-        return HOLDS if self.holds else DOES_NOT_HOLD
+        if self.interval is None:
+            return HOLDS if self.value >= self.threshold else DOES_NOT_HOLD  # NaN never holds
+        low, high = self.interval
+        if low > self.threshold:
+            return HOLDS
+        return DOES_NOT_HOLD if high < self.threshold else UNDECIDED  # NaN: undecided
+
+    @property
+    def holds(self) -> bool:
+        return self.outcome == HOLDS
 
 
 # --------------------------------------------------------------------------- the measurements

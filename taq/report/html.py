@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import taq
 from taq.analysis.cells import select_layers, stats_arrays
-from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES
+from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, UNDECIDED
 from taq.analysis.measures import OUTLIER_FRACTION
 from taq.analysis.summary import ZEROS_NOTE, LayerSummary, summarize
 from taq.formats import atomic_path
@@ -24,7 +24,7 @@ from taq.report.plots import WrittenFigure, prepare_output_dir, write_figures
 from taq.report.tables import HEADERS, footnotes, format_value, write_summary
 
 FIGURES_DIR = "figures"
-CLAIM_COLUMNS = ("claim", "layer", "measured", "threshold", "outcome", "note")
+CLAIM_COLUMNS = ("claim", "layer", "measured", "interval", "threshold", "outcome", "note")
 FIGURE_GROUPS = (  # (heading, file name prefix)
     ("Activation range vs timestep", "range_vs_timestep"),
     ("Drift heatmaps (layer × timestep)", "heatmap_"),
@@ -53,7 +53,8 @@ figcaption { color: #4a5367; font-size: 0.9rem; margin-top: 0.3rem; }
 .notrun { color: #7a8194; font-style: italic; } .footnotes { font-size: 0.85rem; color: #4a5367; }
 .outcome { font-weight: 700; padding: 0.05rem 0.45rem; border-radius: 0.3rem; }
 .outcome-holds { background: #d8f3df; color: #14612b; } .outcome-not { background: #e3e9f6; color: #2f4370; }
-.outcome-unexpected { background: #fbdada; color: #8f1717; } .outcome-other { background: #e6e8ee; color: #39425a; }
+.outcome-unexpected { background: #fbdada; color: #8f1717; }
+.outcome-undecided { background: #fdebc8; color: #7a4b00; } .outcome-other { background: #e6e8ee; color: #39425a; }
 .warning { background: #fff1cc; border-left: 4px solid #d99a00; padding: 0.6rem 0.9rem; }
 """
 
@@ -163,8 +164,8 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
     tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(list(OUTCOMES) + outcomes) if o in outcomes)
     surprises = sum(1 for c in claims if c.get("as_expected") is False)
     if any("as_expected" in c for c in claims):
-        verb = "differs" if surprises == 1 else "differ"
-        tally += f"; {surprises} {verb} from the expectations file" if surprises else "; all as expected"
+        verb = "contradicts" if surprises == 1 else "contradict"
+        tally += f"; {surprises} {verb} the expectations file" if surprises else "; none contradicts the expectations"
     columns = CLAIM_COLUMNS + (("expected",) if any("expected" in c for c in claims) else ())
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     rows = []
@@ -173,10 +174,14 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
         for column in columns:
             if column == "outcome":
                 outcome = str(claim.get("outcome", "?"))
-                kind = {HOLDS: "holds", DOES_NOT_HOLD: "not"}.get(outcome, "other")
+                kind = {HOLDS: "holds", DOES_NOT_HOLD: "not", UNDECIDED: "undecided"}.get(outcome, "other")
                 unexpected = ' <span class="outcome outcome-unexpected">unexpected</span>' \
                     if claim.get("as_expected") is False else ""
                 cells.append(f'<td><span class="outcome outcome-{kind}">{_e(outcome)}</span>{unexpected}</td>')
+            elif column == "interval":
+                interval = claim.get("interval")
+                cells.append(_cell(None if not interval else
+                                   f"[{format_value(float(interval[0]))}, {format_value(float(interval[1]))}]"))
             else:
                 cells.append(_cell(claim.get(column)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
