@@ -11,8 +11,8 @@ import mlx.core as mx
 
 from taq.analysis.claims import CLAIMS, measure, measure_all
 from taq.analysis.measures import (
-    asymmetry_ratio, channel_mean_shifts, outlier_fraction, outlier_ratio, per_timestep_ranges, symmetric_levels,
-    temporal_range_factor, top_fraction_floor, wasserstein_distance, wasted_levels_fraction,
+    asymmetry_ratio, channel_mean_shifts, layer_clipped_extremes, outlier_fraction, outlier_ratio, per_timestep_ranges,
+    symmetric_levels, temporal_range_factor, top_fraction_floor, wasserstein_distance, wasted_levels_fraction,
 )
 from taq.analysis.quant_error import binned_mse, binned_squared_errors, fake_quantize, time_aware_mse
 from taq.analysis.summary import summarize
@@ -289,6 +289,21 @@ def test_measurements_match_direct_computation(traced_arrays):
     assert m.value == pytest.approx(wide.max() / -wide.min(), rel=1e-6)
     assert m.threshold == CLAIMS["asymmetry_ratio"].threshold and m.holds == (m.value >= m.threshold)
     assert measure(arrays, "wide", "temporal_range_drift").value > measure(arrays, "narrow", "temporal_range_drift").value
+
+
+def test_wasted_levels_use_the_clipped_range_not_the_extremes(traced_arrays):
+    """max / |min| reads the extremes; the wasted levels read p0.1 .. p99.9, so an outlier channel's tail widens
+    the first but hardly moves the second's range."""
+    arrays, values = traced_arrays
+    wide = np.concatenate([values["wide", 100.0], values["wide", 900.0]]).ravel()
+    low, high = np.quantile(wide, [0.001, 0.999])
+    i = list(arrays["layers"]).index("wide")
+    bins = np.diff(arrays["bin_edges"][1:-1]).max()  # the histogram's resolution
+    assert layer_clipped_extremes(arrays, i) == pytest.approx((low, high), abs=bins)
+    assert high < wide.max() / 2  # the clipped range is far inside the extremes
+    m = measure(arrays, "wide", "asymmetry_wasted_levels")
+    assert m.value == pytest.approx(wasted_levels_fraction(*layer_clipped_extremes(arrays, i)))
+    assert m.value != wasted_levels_fraction(wide.min(), wide.max())
 
 
 def test_the_outlier_ratio_is_the_narrowest_of_the_widest_channels_everywhere(traced_arrays):

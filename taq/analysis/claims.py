@@ -20,7 +20,7 @@ import numpy as np
 
 from taq.analysis.cells import channel_ranges, layer_names
 from taq.analysis.measures import (MEAN_SHIFT_FRACTION, OUTLIER_FRACTION, WASTED_LEVELS_BITS, asymmetry_ratio,
-                                   channel_mean_shifts, layer_extremes, layer_timestep_ranges, outlier_fraction,
+                                   channel_mean_shifts, layer_clipped_extremes, layer_extremes, layer_timestep_ranges, outlier_fraction,
                                    outlier_ratio, temporal_range_factor, top_fraction_floor, wasted_levels_fraction)
 from taq.analysis.quant_error import time_aware_mse
 from taq.config import lookup
@@ -73,11 +73,12 @@ def _asymmetry(arrays: dict, i: int) -> tuple[float, str]:
 
 
 def _wasted_levels(arrays: dict, i: int) -> tuple[float, str]:
-    lowest, highest = layer_extremes(arrays, i)
+    lowest, highest = layer_clipped_extremes(arrays, i)
     value = wasted_levels_fraction(lowest, highest)
     levels = 2**WASTED_LEVELS_BITS - 1
     shown = round(value * levels) if math.isfinite(value) else "n/a"
-    return value, f"{shown} of {levels} levels lie below min {lowest:.4g} (max {highest:.4g})"
+    return value, (f"{shown} of {levels} levels lie below p0.1 {lowest:.4g} (p99.9 {highest:.4g}; max "
+                   f"{layer_extremes(arrays, i)[1]:.4g})")
 
 
 def _range_drift(arrays: dict, i: int) -> tuple[float, str]:
@@ -136,10 +137,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
           "Post-GELU activations are asymmetric: the negative side is bounded by GELU's minimum (about -0.17) "
           "while the positive tail is long, so max / |min| is at least 10.", _asymmetry),
     Claim("asymmetry_wasted_levels", 0.45,
-          "fraction of a symmetric signed 8-bit grid over [-max, max] (255 levels) lying below the layer's min",
-          "Because of that asymmetry a symmetric quantizer wastes its negative half: at least 45% of the levels of "
-          "a symmetric 8-bit grid lie below every observed value (a perfectly one-sided layer wastes 127/255 = 50%).",
-          _wasted_levels),
+          "fraction of a symmetric signed 8-bit grid over [-p99.9, p99.9] (255 levels) lying below the layer's "
+          "p0.1 (percentiles over all timesteps and channels, from the histograms)",
+          "The asymmetry is in the bulk, not only in the extremes: even with the range clipped to p0.1 .. p99.9, as "
+          "a percentile observer would, at least 45% of a symmetric 8-bit grid lies below the values (a perfectly "
+          "one-sided layer wastes 127/255 = 50%). Unlike max / |min|, a long positive tail alone cannot make it "
+          "hold.", _wasted_levels),
     Claim("temporal_range_drift", 1.5, "largest / smallest per-timestep range p0.1 .. p99.9 (from the histograms)",
           "Post-GELU activation ranges vary across denoising timesteps: the widest timestep's range is at least "
           "1.5x the narrowest's, so one static range fits some timesteps badly.", _range_drift),

@@ -28,6 +28,15 @@ def layer_extremes(arrays: dict, layer: int) -> tuple[float, float]:
     return float(nan_min(arrays["min"][layer])), float(nan_max(arrays["max"][layer]))
 
 
+def layer_clipped_extremes(arrays: dict, layer: int) -> tuple[float, float]:
+    """(p0.1, p99.9) of one layer over all its timesteps and channels, from its summed histograms (kept within
+    the exact min and max): the range a percentile observer would clip to. NaN when it has no data."""
+    lowest, highest = layer_extremes(arrays, layer)
+    low, high = histogram_quantile(np.asarray(arrays["hist"][layer]).sum(axis=0), arrays["bin_edges"],
+                                   np.array(RANGE_QUANTILES), lowest, highest)
+    return float(low), float(high)
+
+
 def layer_timestep_ranges(arrays: dict, layer: int) -> np.ndarray:
     """(T,) one layer's per-timestep p0.1 .. p99.9 range, from its histograms (`per_timestep_ranges`), each
     quantile kept within the timestep's exact min and max."""
