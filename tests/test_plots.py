@@ -10,14 +10,14 @@ from taq.cli import main
 from taq.formats.stats import save_stats
 from taq.report.plots import (
     GELU_MINIMUM, channel_ranges_figure, default_layers, heatmap_figure, histogram_figure,
-    fraction_figure, range_vs_timestep_figure, write_figures,
+    fraction_figure, range_vs_timestep_figure, time_groups_figure, write_figures,
 )
 from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec
 
 DEFAULT_PER_LAYER = ["mm_00_img", "mm_03_img", "mm_05_img", "mm_02_txt"]
 ALL_LAYER_FIGURES = ["range_vs_timestep_all.png", "range_vs_timestep_img.png", "range_vs_timestep_txt.png",
                      "heatmap_mean.png", "heatmap_std.png", "negative_fraction_heatmap.png",
-                     "zero_fraction_heatmap.png"]
+                     "zero_fraction_heatmap.png", "time_groups.png"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_layer_filter_restricts_every_figure(stats, tmp_path):
     written = write_figures(stats, tmp_path, layers=["mm_04_txt", "mm_01_txt"])
     assert sorted(f.path.name for f in written) == sorted([
         "range_vs_timestep_all.png", "range_vs_timestep_txt.png", "heatmap_mean.png", "heatmap_std.png",
-        "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "histogram_mm_04_txt.png",
+        "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "time_groups.png", "histogram_mm_04_txt.png",
         "channel_ranges_mm_04_txt.png", "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png"])
     heatmap = heatmap_figure(stats, "mean", ["mm_04_txt", "mm_01_txt"])
     assert [t.get_text() for t in heatmap.axes[0].get_yticklabels()] == ["mm_01_txt", "mm_04_txt"]  # by depth
@@ -149,11 +149,12 @@ def test_heatmap_rejects_an_unknown_statistic(stats):
 
 def test_missing_layers_cells_and_nan_channels_render_with_notes(holey_stats, tmp_path):
     written = write_figures(holey_stats, tmp_path, layers=["mm_00_img", "mm_01_img", "mm_01_txt"])
-    assert len(written) == 3 + 4 + 3 * 2
-    for name in ("heatmap_mean", "negative_fraction", "range_vs_timestep_all"):
+    assert len(written) == 3 + 5 + 3 * 2
+    for name in ("heatmap_mean", "negative_fraction", "range_vs_timestep_all", "time_groups"):
         fig = {"heatmap_mean": lambda: heatmap_figure(holey_stats, "mean"),
                "negative_fraction": lambda: fraction_figure(holey_stats, "negative"),
-               "range_vs_timestep_all": lambda: range_vs_timestep_figure(holey_stats)}[name]()
+               "range_vs_timestep_all": lambda: range_vs_timestep_figure(holey_stats),
+               "time_groups": lambda: time_groups_figure(holey_stats)}[name]()
         text = notes(fig)
         assert "no finite data for mm_01_txt" in text and "2 (layer, timestep) cells without" in text, name
     empty = histogram_figure(holey_stats, "mm_01_txt")
@@ -166,8 +167,9 @@ def test_missing_layers_cells_and_nan_channels_render_with_notes(holey_stats, tm
 def test_stats_without_any_cells_render_with_a_note(tmp_path):
     stats = ActivationStats(HistogramSpec(), ["mm_00_img", "mm_00_txt"])
     written = write_figures(stats, tmp_path)
-    assert len(written) == 3 + 4 + 2 * 2
+    assert len(written) == 3 + 5 + 2 * 2
     assert "no layers or timesteps" in axis_texts(heatmap_figure(stats, "std"))
+    assert "no layer has data" in axis_texts(time_groups_figure(stats))
     ranges = range_vs_timestep_figure(stats)
     assert "no layers or timesteps" in axis_texts(ranges)
     assert "no finite data for mm_00_img, mm_00_txt" in notes(ranges)

@@ -90,10 +90,18 @@ class TimeAwareMSE:
         return self.shared_mse / self.per_timestep_mse
 
 
-def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None = None,
-                   highest: float | None = None) -> TimeAwareMSE:
-    """Shared vs per-timestep range MSE of `bits`-bit fake quantization of the values in hist (T, bins), whose
-    exact smallest and largest values are `lowest` and `highest` where known."""
+@dataclass(frozen=True)
+class _Candidates:
+    """Every candidate range [lo, hi] of one layer and each timestep's summed squared error under it."""
+
+    lo: float
+    his: np.ndarray  # (H,)
+    totals: np.ndarray  # (T, H)
+    count: float
+
+
+def _candidate_totals(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None,
+                      highest: float | None) -> _Candidates:
     hist = np.asarray(hist, dtype=np.float64)
     edges = np.array(bin_edges, dtype=np.float64)
     if hist.ndim != 2 or edges.shape != (hist.shape[1] + 1,):
@@ -110,11 +118,35 @@ def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: f
     candidates = edges[occupied + 1]  # (H,) each > lo
     # Bins outside [first, last) are empty at every timestep: leave them out of the (H, bins) error matrix.
     errors = binned_squared_errors(edges[first:last + 1], lo, candidates[:, None], bits)  # (H, last - first)
-    totals = hist[:, first:last] @ errors.T  # (T, H): summed squared error of each timestep under each candidate
-    count = hist.sum()
-    shared = totals.sum(axis=0)  # same reduction order as below, so per-timestep <= shared holds exactly
-    per_timestep = totals.min(axis=1, keepdims=True).sum(axis=0)[0]
-    has_data = hist.sum(axis=1) > 0
-    return TimeAwareMSE(bits=bits, lo=lo, shared_hi=float(candidates[shared.argmin()]),
-                        per_timestep_hi=np.where(has_data, candidates[totals.argmin(axis=1)], np.nan),
-                        shared_mse=float(shared.min() / count), per_timestep_mse=float(per_timestep / count))
+    return _Candidates(lo, candidates, hist[:, first:last] @ errors.T, float(hist.sum()))
+
+
+def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None = None,
+                   highest: float | None = None) -> TimeAwareMSE:
+    """Shared vs per-timestep range MSE of `bits`-bit fake quantization of the values in hist (T, bins), whose
+    exact smallest and largest values are `lowest` and `highest` where known."""
+    c = _candidate_totals(hist, bin_edges, bits, lowest, highest)
+    shared = c.totals.sum(axis=0)  # same reduction order as below, so per-timestep <= shared holds exactly
+    per_timestep = c.totals.min(axis=1, keepdims=True).sum(axis=0)[0]
+    has_data = np.asarray(hist).sum(axis=1) > 0
+    return TimeAwareMSE(bits=bits, lo=c.lo, shared_hi=float(c.his[shared.argmin()]),
+                        per_timestep_hi=np.where(has_data, c.his[c.totals.argmin(axis=1)], np.nan),
+                        shared_mse=float(shared.min() / c.count), per_timestep_mse=float(per_timestep / c.count))
+
+
+def contiguous_groups(timesteps: int, groups: int) -> list[np.ndarray]:
+    """`groups` runs of consecutive timestep indices 0 .. timesteps - 1, as equal in length as they can be."""
+    if not 1 <= groups <= timesteps:
+        raise ValueError(f"groups must be in 1 .. {timesteps} (the timesteps), got {groups}")
+    return np.array_split(np.arange(timesteps), groups)
+
+
+def grouped_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, partitions: list[list[np.ndarray]],
+                lowest: float | None = None, highest: float | None = None) -> np.ndarray:
+    """(len(partitions),) MSE of `bits`-bit fake quantization with one MSE-optimal range per group of timesteps
+    (rows of hist (T, bins)), for each partition of the timesteps. The one-group partition gives
+    `time_aware_mse`'s shared MSE and the all-singletons one its per-timestep MSE; every group chooses from the
+    same candidate ranges, so refining a partition never raises the MSE."""
+    c = _candidate_totals(hist, bin_edges, bits, lowest, highest)
+    return np.array([sum(c.totals[group].sum(axis=0).min() for group in partition) / c.count
+                     for partition in partitions])

@@ -30,6 +30,7 @@ FIGURE_GROUPS = (  # (heading, file name prefix)
     ("Drift heatmaps (layer × timestep)", "heatmap_"),
     ("Fraction of negative activations", "negative_fraction"),
     ("Fraction of exact zeros", "zero_fraction"),
+    ("How many time groups a time-aware quantizer needs", "time_groups"),
     ("Histograms per timestep", "histogram_"),
     ("Per-channel ranges and outlier channels", "channel_ranges_"),
 )

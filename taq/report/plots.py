@@ -30,6 +30,7 @@ from taq.analysis.cells import (cell_fraction, cell_max, cell_min, cell_moments,
                                 nan_min, select_layers, stats_arrays)
 from taq.analysis.measures import OUTLIER_FRACTION, RANGE_QUANTILES, outlier_channels, outlier_ratio
 from taq.analysis.summary import ZEROS_NOTE, summarize
+from taq.analysis.time_groups import GAIN_SHARE, time_group_curves
 from taq.formats import atomic_path, check_outputs_in_spare
 from taq.formats.stats import load_stats
 from taq.report.tables import format_console, write_summary
@@ -396,6 +397,42 @@ def fraction_figure(stats, counter: str, layers: Sequence[str] | None = None) ->
                     cmap, ".2f")
 
 
+def time_groups_figure(stats, layers: Sequence[str] | None = None, bits: Sequence[int] = (8, 4)) -> Figure:
+    """Per layer, quantization MSE (relative to one range for all timesteps) against the number of contiguous
+    timestep groups sharing a range, one panel per bit width; a dot where the layer reaches 90% of the gain of one
+    range per timestep (`taq.analysis.time_groups`)."""
+    arrays = stats_arrays(stats)
+    names = layer_names(arrays)
+    selected = {names[i] for i in select_layers(arrays, layers)}
+    fig = _figure(11, 4.6)
+    axes = fig.subplots(1, len(bits), sharey=False, squeeze=False)[0]
+    fig.suptitle("How many time groups? Quantization MSE with one activation range per group of timesteps")
+    shown: list[int] = []
+    for ax, width in zip(axes, bits):
+        curves = [c for c in time_group_curves(arrays, width) if c.layer in selected]
+        rows = [names.index(c.layer) for c in curves]
+        shown = rows or shown
+        if not curves:
+            _no_data(ax, "no layer has data")
+            continue
+        colors, norms = _layer_colors(names, rows)
+        for curve, i in zip(curves, rows):
+            ax.plot(curve.groups, curve.relative, color=colors[i], lw=1.3, marker="o", ms=2.5)
+            k = curve.groups_for()
+            ax.plot(k, curve.relative[list(curve.groups).index(k)], "o", color=colors[i], ms=7,
+                    markeredgecolor="black")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(curves[0].groups, [str(g) for g in curves[0].groups])
+        ax.set_xlabel("contiguous timestep groups (last: one per timestep)")
+        ax.set_ylabel("MSE / MSE with one range")
+        ax.set_title(f"{width}-bit activations; big dot: {GAIN_SHARE:.0%} of the per-timestep gain", fontsize=9)
+        ax.grid(alpha=0.3)
+    if shown:
+        _depth_colorbars(fig, list(axes), _layer_colors(names, shown)[1])
+    _add_notes(fig, _missing_notes(arrays, sorted(names.index(n) for n in selected)))
+    return fig
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -442,6 +479,9 @@ def write_figures(stats, output_dir: str | Path, layers: Sequence[str] | None = 
          "Fraction of values < 0 per layer and timestep (exact zeros not included)."),
         ("zero_fraction_heatmap.png", lambda: fraction_figure(arrays, "zero", selected),
          f"Fraction of values exactly 0 per layer and timestep: {ZEROS_NOTE}."),
+        ("time_groups.png", lambda: time_groups_figure(arrays, selected),
+         "How many time groups a time-aware quantizer needs: quantization MSE (from the histograms, MSE-optimal "
+         "range per group) against the number of contiguous timestep groups, relative to one range for all."),
     ]
     return [WrittenFigure(save_figure(make(), output_dir / filename), caption) for filename, make, caption in jobs]
 
