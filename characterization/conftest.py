@@ -241,7 +241,8 @@ def write_session_report(suite: Suite) -> None:
     from taq.report.html import write_report  # matplotlib only when a report is written
 
     index = write_report(suite.report_dir, suite.stats, calibration_meta=suite.calibration_meta,
-                         claims=records or None, benchmarks=benchmarks, layers=list(suite.stats.stats.layers))
+                         claims=records or None, claim_info=ALL_CLAIMS, benchmarks=benchmarks,
+                         layers=list(suite.stats.stats.layers))
     suite.summary_lines.append(f"report: {index}")
 
 

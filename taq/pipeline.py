@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from taq.analysis.claims import measure_all
+from taq.analysis.claims import CLAIMS, measure_all
 from taq.calibration import calibrate, default_prompts
 from taq.errors import Interrupted
 from taq.formats import TaqFormatError, check_outputs_in_spare
@@ -116,7 +116,8 @@ def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, 
     calibration_path, calibration_meta = ensure_calibration(model, recipe, cache_dir, log, progress=True)
     stats = ensure_stats(model, calibration_path, recipe, cache_dir, log, progress=True)
     log("measuring the claims and drawing the figures")
-    return write_report(report_dir, stats, calibration_meta=calibration_meta, claims=claim_rows(stats.arrays))
+    return write_report(report_dir, stats, calibration_meta=calibration_meta, claims=claim_rows(stats.arrays),
+                        claim_info=CLAIMS)
 
 
 def configure_parser(parser) -> None:

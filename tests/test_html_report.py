@@ -1,4 +1,5 @@
 import taq  # noqa: F401  (first: loads a fast BLAS before mlx.core)
+import html
 import re
 import shutil
 import subprocess
@@ -8,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from taq.analysis.claims import Claim
 from taq.analysis.summary import summarize
 from taq.formats.stats import StatsFile, save_stats
+from matplotlib.figure import Figure
+
 from taq.report.html import write_report
+from taq.report.plots import save_figure
 from taq.report.tables import format_value
 
 CLAIMS = [
@@ -28,7 +33,11 @@ BENCHMARKS = {
     "benchmarks": [{"name": "test_cfg_step", "fullname": "characterization/test_bench.py::test_cfg_step",
                     "stats": {"median": 0.0123, "min": 0.0119, "rounds": 20}}],
 }
-CALIBRATION = {"model": "pocket", "num_fid_samples": 64, "cfg_scale": 1.5, "sigmas": [i / 100 for i in range(100)]}
+CALIBRATION = {"model": "pocket", "num_fid_samples": 64, "cfg_scale": 1.5, "sigmas": [i / 100 for i in range(100)],
+               "num_trajectories": 64, "num_steps": 100, "num_selected": 25, "step_selection": "stride", "seed": 0,
+               "num_points": 1600}
+CLAIM_INFO = {c["claim"]: Claim(c["claim"], c["threshold"], f"what {c['claim']} measures",
+                                f"the observation behind {c['claim']}", compute=None) for c in CLAIMS}
 
 
 class PageParts(HTMLParser):
@@ -62,8 +71,11 @@ def stats(post_gelu_stats):
 @pytest.fixture(scope="module")
 def report(stats, tmp_path_factory):
     stats_file = StatsFile(stats=stats, arrays=stats.to_arrays(), meta={"model": "synthetic-mmdit", "seed": 0})
-    index = write_report(tmp_path_factory.mktemp("report"), stats_file, calibration_meta=CALIBRATION,
-                         claims=CLAIMS, benchmarks=BENCHMARKS)
+    report_dir = tmp_path_factory.mktemp("report")
+    (report_dir / "claims").mkdir()  # a claim figure on disk, as the characterization suite leaves them
+    save_figure(Figure(figsize=(2, 1)), report_dir / "claims" / "temporal range ratio > 2.png")
+    index = write_report(report_dir, stats_file, calibration_meta=CALIBRATION, claims=CLAIMS, claim_info=CLAIM_INFO,
+                         benchmarks=BENCHMARKS)
     return index, index.read_text()
 
 
@@ -71,7 +83,7 @@ def test_report_shows_every_figure_by_a_relative_link(report):
     index, page = report
     images = parse(page).images
     on_disk = sorted(p.relative_to(index.parent).as_posix() for p in (index.parent / "figures").glob("*.png"))
-    assert sorted(images) == on_disk and len(on_disk) == 16
+    assert sorted(i for i in images if i.startswith("figures/")) == on_disk and len(on_disk) == 16
     assert all(not Path(src).is_absolute() for src in images)
 
 
@@ -169,3 +181,32 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
     shutil.copytree(index.parent, broken)
     (broken / "figures" / "heatmap_std.png").unlink()
     assert images_loaded_in_chromium(broken / "index.html") == f"{n - 1}/{n}"
+
+
+def test_report_reads_top_to_bottom_what_claims_and_figures(report):
+    index, page = report
+    order = [page.index(f'<section id="{key}">') for key in ("measured", "claims", "figures", "summary",
+                                                               "benchmarks", "metadata")]
+    assert order == sorted(order)
+    assert "TaQ-DiT" in page and "arXiv:2411.14172" in page
+    assert "64 trajectories x 100 Euler steps, 25 kept (stride), CFG 1.5, seed 0: 1600 points" in page
+    assert "4 claims, 4 measurements: 1 holds, 2 does not hold, 1 undecided" in page
+
+
+def test_claims_matrix_colours_each_cell_by_outcome_and_explains_on_hover(report):
+    _, page = report
+    cells = re.findall(r'<td class="cell cell-(\w+)( cell-contradicts)?" title="([^"]*)">', page)
+    assert [(kind, bool(red)) for kind, red, _ in cells] == [("holds", False), ("not", False), ("not", True),
+                                                             ("undecided", False)]
+    assert "95% interval [-0.01, 0.05]" in cells[3][2]
+    for record in CLAIMS:  # each claim's observation and measure, linked from its matrix row
+        assert html.escape(f"the observation behind {record['claim']}") in page
+        assert html.escape(f"what {record['claim']} measures") in page
+        assert f'id="claim-{html.escape(record["claim"])}"' in page
+    assert "<details><summary>Every measurement (4 rows)</summary>" in page
+    assert "claims/temporal%20range%20ratio%20%3E%202.png" in parse(page).images  # the claim figure, embedded
+
+
+def test_per_layer_figure_selection_is_stated(report, stats):
+    _, page = report
+    assert "Per-layer figures (histograms, channel ranges) are shown for 4 of the 11 layers" in page

@@ -1,5 +1,7 @@
-"""The HTML report: one offline page (`index.html`, no scripts or external resources) with the run metadata, the
-summary table, every figure (PNG files beside it, linked relatively), the claims table and benchmark timings."""
+"""The HTML report: one offline page (`index.html`, no scripts or external resources) a researcher reads top to
+bottom: what TaQ-DiT claims and what was measured on what, the claims as a claims x layers matrix (colour: outcome;
+value, interval and note on hover) with each claim's observation and figure, the Phase 2 figures (PNG files beside
+it, linked relatively), the summary table, benchmark timings and the run metadata."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import quote
 
 import taq
 from taq.analysis.cells import select_layers, stats_arrays
-from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, UNDECIDED
+from taq.analysis.claims import DOES_NOT_HOLD, HOLDS, OUTCOMES, REFERENCE, UNDECIDED, Claim
 from taq.analysis.measures import OUTLIER_FRACTION
 from taq.analysis.summary import ZEROS_NOTE, LayerSummary, summarize
 from taq.formats import atomic_path
@@ -57,7 +60,22 @@ figcaption { color: #4a5367; font-size: 0.9rem; margin-top: 0.3rem; }
 .outcome-unexpected { background: #fbdada; color: #8f1717; }
 .outcome-undecided { background: #fdebc8; color: #7a4b00; } .outcome-other { background: #e6e8ee; color: #39425a; }
 .warning { background: #fff1cc; border-left: 4px solid #d99a00; padding: 0.6rem 0.9rem; }
+table.matrix td.cell { text-align: center; font-size: 0.8rem; font-variant-numeric: tabular-nums; min-width: 3.2rem; }
+td.cell-holds { background: #bfe8ca !important; } td.cell-not { background: #d5def0 !important; }
+td.cell-undecided { background: #fbdca0 !important; } td.cell-contradicts { outline: 3px solid #c62828; }
+.matrix-wrap { overflow-x: auto; } .claim-list figure img { max-width: 760px; }
+.claim-list dt { font-weight: 700; margin-top: 0.6rem; } .claim-list dd { margin-left: 1.2rem; }
+details summary { cursor: pointer; font-weight: 600; margin: 1rem 0; }
 """
+CLAIMS_FIGURES_DIR = "claims"  # claim figures written beside the page by the characterization suite
+INTRO = (
+    REFERENCE + " argues that diffusion transformers break at low bit widths mainly because of "
+    "their post-GELU activations (the inputs of each FFN's second Linear, fc2): they are asymmetric (GELU's floor "
+    "is about -0.17 while the positive tail is long), their ranges drift across the denoising timesteps, and a "
+    "few channels carry outliers. Its remedies are time-aware (per-timestep) activation ranges, momentum-based "
+    "shifting, reconstruction-driven outlier migration and joint reconstruction. This report measures those "
+    "observations, and what the remedies buy, on the model below; each claim is a number per layer against a "
+    "threshold, and where the number has a 95% interval the outcome is holds, does not hold or undecided.")
 
 
 
@@ -139,10 +157,14 @@ def summary_section(rows: Sequence[LayerSummary], outlier_fraction: float) -> st
             f'<ul class="footnotes">{notes}</ul>')
 
 
-def figures_section(figures: Sequence[WrittenFigure], report_dir: Path) -> str:
+def figures_section(figures: Sequence[WrittenFigure], report_dir: Path, layers: int) -> str:
     if not figures:
         return '<p class="notrun">No figures were written.</p>'
-    parts = ['<p>Timestep axes run in denoising order, t = 1000·σ from 1000 (noise) to 0 (image).</p>']
+    per_layer = [f.path.stem.removeprefix("histogram_") for f in figures if f.path.name.startswith("histogram_")]
+    selection = ("every layer" if len(per_layer) == layers else
+                 f"{len(per_layer)} of the {layers} layers ({', '.join(per_layer)}; `--layers` chooses others)")
+    parts = ['<p>Timestep axes run in denoising order, t = 1000·σ from 1000 (noise) to 0 (image). Per-layer '
+             f"figures (histograms, channel ranges) are shown for {_e(selection)}.</p>"]
     for heading, prefix in FIGURE_GROUPS:
         group = [f for f in figures if f.path.name.startswith(prefix)]
         if not group:
@@ -156,11 +178,92 @@ def figures_section(figures: Sequence[WrittenFigure], report_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def claims_section(claims: Sequence[Mapping] | None) -> str:
+def _kind(outcome: str) -> str:
+    return {HOLDS: "holds", DOES_NOT_HOLD: "not", UNDECIDED: "undecided"}.get(outcome, "other")
+
+
+def intro_section(stats_meta: Mapping | None, calibration_meta: Mapping | None, rows: Sequence[LayerSummary],
+                  claims: Sequence[Mapping] | None) -> str:
+    """What TaQ-DiT claims, and what was measured on what: model, weights, recipe, counts."""
+    stats_meta, cal = stats_meta or {}, calibration_meta or {}
+    facts = {"model": stats_meta.get("model") or cal.get("model"),
+             "weights id": stats_meta.get("weights_id") or cal.get("weights_id")}
+    if cal.get("num_trajectories"):
+        facts["calibration"] = (f"{cal['num_trajectories']} trajectories x {cal.get('num_steps', '?')} Euler steps, "
+                                f"{cal.get('num_selected', '?')} kept ({cal.get('step_selection', '?')}), CFG "
+                                f"{cal.get('cfg_scale', '?')}, seed {cal.get('seed', '?')}: "
+                                f"{cal.get('num_points', '?')} points")
+    if stats_meta.get("num_samples"):
+        facts["profiled"] = (f"{stats_meta['num_samples']} points (each as a conditional and an unconditional row), "
+                             f"{len(rows)} FFN layers x {stats_meta.get('num_forwards', '?')} timesteps")
+    if claims:
+        outcomes = [str(c.get("outcome")) for c in claims]
+        facts["claims"] = (f"{len({c['claim'] for c in claims})} claims, {len(claims)} measurements: "
+                           + ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES if o in outcomes))
+    return f"<p>{_e(INTRO)}</p>" + _key_value_table({k: v for k, v in facts.items() if v})
+
+
+def _matrix_cell(record: Mapping) -> str:
+    value = record.get("measured")
+    shown = format_value(float(value)) if isinstance(value, (int, float)) else _e(value)
+    interval = record.get("interval")
+    hover = f"{record['claim']} / {record['layer']}: {record.get('outcome')}, measured {shown}"
+    if interval:
+        hover += f", 95% interval [{format_value(float(interval[0]))}, {format_value(float(interval[1]))}]"
+    hover += f", threshold {record.get('threshold')}" + (f"; {record['note']}" if record.get("note") else "")
+    contradicts = " cell-contradicts" if record.get("as_expected") is False else ""
+    return (f'<td class="cell cell-{_kind(str(record.get("outcome")))}{contradicts}" title="{_e(hover)}">'
+            f"{shown}</td>")
+
+
+def claims_matrix(claims: Sequence[Mapping], info: Mapping[str, Claim]) -> str:
+    """One claims x columns table per set of columns (the FFN layers; a quantizer claim's own rows)."""
+    by_claim: dict[str, dict[str, Mapping]] = {}
+    for record in claims:
+        by_claim.setdefault(record["claim"], {})[record["layer"]] = record
+    tables: dict[tuple, list[str]] = {}
+    for claim, cells in by_claim.items():
+        tables.setdefault(tuple(cells), []).append(claim)
+    parts = []
+    for columns, names in tables.items():
+        head = "<th>claim</th>" + "".join(f"<th>{_e(c)}</th>" for c in columns)
+        body = "".join(
+            f'<tr><td title="{_e(info[n].observation if n in info else "")}"><a href="#claim-{_e(n)}">{_e(n)}</a>'
+            "</td>" + "".join(_matrix_cell(by_claim[n][c]) if c in by_claim[n] else "<td></td>" for c in columns)
+            + "</tr>" for n in names)
+        parts.append(f'<div class="matrix-wrap"><table class="matrix"><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{body}</tbody></table></div>")
+    legend = ('<p class="footnotes">Cell colour: <span class="outcome outcome-holds">holds</span> '
+              '<span class="outcome outcome-not">does not hold</span> '
+              '<span class="outcome outcome-undecided">undecided</span>; a red frame: the outcome contradicts the '
+              "expectations file. Hover a cell for its interval and note, a claim for its observation.</p>")
+    return legend + "".join(parts)
+
+
+def claim_definitions(claims: Sequence[Mapping], info: Mapping[str, Claim], report_dir: Path) -> str:
+    """Each measured claim: its observation, what is measured, the threshold, and its figure where one exists."""
+    parts = ['<dl class="claim-list">']
+    for name in dict.fromkeys(record["claim"] for record in claims):
+        claim = info.get(name)
+        parts.append(f'<dt id="claim-{_e(name)}">{_e(name)}</dt>')
+        if claim is not None:
+            parts.append(f"<dd>{_e(claim.observation)}<br><i>Measured:</i> {_e(claim.measure)}; threshold "
+                         f"{claim.threshold:g}.</dd>")
+        figure = report_dir / CLAIMS_FIGURES_DIR / f"{name}.png"
+        if figure.is_file():
+            parts.append(f'<dd><figure><img src="{CLAIMS_FIGURES_DIR}/{quote(figure.name)}" alt="{_e(name)}" '
+                         f'loading="eager"><figcaption>{_e(name)}: each value with its interval where it has '
+                         "one, against the threshold (dashed).</figcaption></figure></dd>")
+    return "".join(parts) + "</dl>"
+
+
+def claims_section(claims: Sequence[Mapping] | None, info: Mapping[str, Claim] | None = None,
+                   report_dir: Path | None = None) -> str:
     if claims is None:
         return _not_run("claims")
     if not claims:
         return "<p>The claims suite ran but reported no claims.</p>"
+    info = info or {}
     outcomes = [str(c.get("outcome", "")) for c in claims]
     tally = ", ".join(f"{outcomes.count(o)} {o}" for o in dict.fromkeys(list(OUTCOMES) + outcomes) if o in outcomes)
     surprises = sum(1 for c in claims if c.get("as_expected") is False)
@@ -175,10 +278,9 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
         for column in columns:
             if column == "outcome":
                 outcome = str(claim.get("outcome", "?"))
-                kind = {HOLDS: "holds", DOES_NOT_HOLD: "not", UNDECIDED: "undecided"}.get(outcome, "other")
                 unexpected = ' <span class="outcome outcome-unexpected">unexpected</span>' \
                     if claim.get("as_expected") is False else ""
-                cells.append(f'<td><span class="outcome outcome-{kind}">{_e(outcome)}</span>{unexpected}</td>')
+                cells.append(f'<td><span class="outcome outcome-{_kind(outcome)}">{_e(outcome)}</span>{unexpected}</td>')
             elif column == "interval":
                 interval = claim.get("interval")
                 cells.append(_cell(None if not interval else
@@ -186,12 +288,16 @@ def claims_section(claims: Sequence[Mapping] | None) -> str:
             else:
                 cells.append(_cell(claim.get(column)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<p>{_e(tally)}.</p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f"<p>{_e(tally)}.</p>" + claims_matrix(claims, info)
+            + "<h3>The claims</h3>" + claim_definitions(claims, info, report_dir or Path("."))
+            + f"<details><summary>Every measurement ({len(claims)} rows)</summary>{table}</details>")
 
 
 def benchmarks_section(benchmarks: Mapping | None) -> str:
     if benchmarks is None:
-        return _not_run("benchmark results")
+        return _not_run("benchmark results") + ('<p class="footnotes">`pytest characterization/` and `taq bench` '
+                                                 "measure them; `taq report` does not.</p>")
     entries = benchmarks.get("benchmarks", [])
     if not entries:
         return "<p>The benchmark run holds no benchmarks.</p>"
@@ -213,15 +319,16 @@ def benchmarks_section(benchmarks: Mapping | None) -> str:
 
 def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure], report_dir: Path, *,
                   stats_meta: Mapping | None = None, calibration_meta: Mapping | None = None,
-                  claims: Sequence[Mapping] | None = None, benchmarks: Mapping | None = None,
-                  outlier_fraction: float = OUTLIER_FRACTION) -> str:
+                  claims: Sequence[Mapping] | None = None, claim_info: Mapping[str, Claim] | None = None,
+                  benchmarks: Mapping | None = None, outlier_fraction: float = OUTLIER_FRACTION) -> str:
     """The page as a string; figure paths are made relative to report_dir."""
     model = (stats_meta or {}).get("model") or (calibration_meta or {}).get("model") or "unknown model"
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sections = [
-        ("claims", "Claims", claims_section(claims)),
+        ("measured", "What was measured", intro_section(stats_meta, calibration_meta, rows, claims)),
+        ("claims", "Claims", claims_section(claims, claim_info, report_dir)),
+        ("figures", "Figures", figures_section(figures, report_dir, len(rows))),
         ("summary", "Summary table", summary_section(rows, outlier_fraction)),
-        ("figures", "Figures", figures_section(figures, report_dir)),
         ("benchmarks", "Benchmarks", benchmarks_section(benchmarks)),
         ("metadata", "Run metadata", metadata_section(stats_meta, calibration_meta)),
     ]
@@ -238,7 +345,7 @@ def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure]
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>taq report: {_e(model)}</title><style>{STYLE}</style></head>
 <body><main>
-<h1>Post-GELU activation characterization</h1>
+<h1>TaQ-DiT characterization: post-GELU activations and time-aware quantization</h1>
 <p class="subtitle">{_e(model)} · {len(rows)} FFN layers · generated {_e(created)} by taq {_e(taq.__version__)}</p>
 {warning}<nav>{nav}</nav>
 {body}
@@ -247,13 +354,15 @@ def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure]
 
 
 def write_report(report_dir: str | Path, stats_file, *, calibration_meta: Mapping | None = None,
-                 claims: Sequence[Mapping] | None = None, benchmarks: Mapping | None = None,
+                 claims: Sequence[Mapping] | None = None, claim_info: Mapping[str, Claim] | None = None,
+                 benchmarks: Mapping | None = None,
                  layers: Sequence[str] | None = None,
                  outlier_fraction: float = OUTLIER_FRACTION) -> Path:
     """Write report_dir/index.html with figures/ and summary.md/csv beside it; returns the index path.
 
     `stats_file`: a stats file path, or a loaded stats file / ActivationStats / arrays dict. `claims`: dicts with
-    the keys of CLAIM_COLUMNS; `benchmarks`: pytest-benchmark's JSON as a dict. None renders as "not run".
+    the keys of CLAIM_COLUMNS; `claim_info`: name -> Claim (observation, measure, threshold) of those claims;
+    `benchmarks`: pytest-benchmark's JSON as a dict. None renders as "not run".
     """
     if isinstance(stats_file, (str, os.PathLike)):
         stats_file = load_stats(stats_file)
@@ -264,7 +373,8 @@ def write_report(report_dir: str | Path, stats_file, *, calibration_meta: Mappin
     rows = summarize(stats_file, layers, outlier_fraction)
     write_summary(rows, report_dir, outlier_fraction)
     page = render_report(rows, figures, report_dir, stats_meta=stats_meta, calibration_meta=calibration_meta,
-                         claims=claims, benchmarks=benchmarks, outlier_fraction=outlier_fraction)
+                         claims=claims, claim_info=claim_info, benchmarks=benchmarks,
+                         outlier_fraction=outlier_fraction)
     index = report_dir / "index.html"
     with atomic_path(index) as tmp:
         tmp.write_text(page, encoding="utf-8")
