@@ -83,7 +83,7 @@ def test_report_shows_every_figure_by_a_relative_link(report):
     index, page = report
     images = parse(page).images
     on_disk = sorted(p.relative_to(index.parent).as_posix() for p in (index.parent / "figures").glob("*.png"))
-    assert sorted(i for i in images if i.startswith("figures/")) == on_disk and len(on_disk) == 16
+    assert sorted(i for i in images if i.startswith("figures/")) == on_disk and len(on_disk) == 18
     assert all(not Path(src).is_absolute() for src in images)
 
 
@@ -126,7 +126,8 @@ def test_report_from_a_stats_file_path_says_not_run_for_missing_parts(tmp_path, 
     assert "Not run: no calibration metadata" in page
     assert sorted(parse(page).images) == sorted(f"figures/{name}.png" for name in (
         "range_vs_timestep_all", "range_vs_timestep_img", "histogram_mm_00_img", "channel_ranges_mm_00_img",
-        "heatmap_mean", "heatmap_std", "negative_fraction_heatmap", "zero_fraction_heatmap", "time_groups"))
+        "heatmap_mean", "heatmap_std", "negative_fraction_heatmap", "zero_fraction_heatmap", "time_groups",
+        "channel_time_map_mm_00_img"))
     assert "Random weights" not in page
 
 

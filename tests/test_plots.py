@@ -10,7 +10,8 @@ from taq.cli import main
 from taq.formats.stats import save_stats
 from taq.report.plots import (
     GELU_MINIMUM, channel_ranges_figure, default_layers, heatmap_figure, histogram_figure,
-    fraction_figure, range_vs_timestep_figure, time_groups_figure, write_figures,
+    channel_time_map_figure, fraction_figure, range_vs_timestep_figure, time_groups_figure, widest_layers,
+    write_figures,
 )
 from taq.tracing.stats import ActivationStats, CellStats, HistogramSpec
 
@@ -54,7 +55,8 @@ def axis_texts(fig) -> str:
 def test_every_figure_is_written_as_a_png(stats, tmp_path):
     written = write_figures(stats, tmp_path)
     expected = ALL_LAYER_FIGURES + [f"{kind}_{layer}.png" for layer in DEFAULT_PER_LAYER
-                                    for kind in ("histogram", "channel_ranges")]
+                                    for kind in ("histogram", "channel_ranges")] + [
+        f"channel_time_map_{layer}.png" for layer in widest_layers(stats.to_arrays())]
     assert sorted(f.path.name for f in written) == sorted(expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)  # no temporary files left
     for figure in written:
@@ -69,7 +71,8 @@ def test_layer_filter_restricts_every_figure(stats, tmp_path):
     assert sorted(f.path.name for f in written) == sorted([
         "range_vs_timestep_all.png", "range_vs_timestep_txt.png", "heatmap_mean.png", "heatmap_std.png",
         "negative_fraction_heatmap.png", "zero_fraction_heatmap.png", "time_groups.png", "histogram_mm_04_txt.png",
-        "channel_ranges_mm_04_txt.png", "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png"])
+        "channel_ranges_mm_04_txt.png", "histogram_mm_01_txt.png", "channel_ranges_mm_01_txt.png",
+        "channel_time_map_mm_04_txt.png", "channel_time_map_mm_01_txt.png"])
     heatmap = heatmap_figure(stats, "mean", ["mm_04_txt", "mm_01_txt"])
     assert [t.get_text() for t in heatmap.axes[0].get_yticklabels()] == ["mm_01_txt", "mm_04_txt"]  # by depth
     ranges = range_vs_timestep_figure(stats, ["mm_04_txt", "mm_01_txt"])
@@ -149,7 +152,7 @@ def test_heatmap_rejects_an_unknown_statistic(stats):
 
 def test_missing_layers_cells_and_nan_channels_render_with_notes(holey_stats, tmp_path):
     written = write_figures(holey_stats, tmp_path, layers=["mm_00_img", "mm_01_img", "mm_01_txt"])
-    assert len(written) == 3 + 5 + 3 * 2
+    assert len(written) == 3 + 5 + 3 * 2 + 2  # the two layers with data get a channel x timestep map
     for name in ("heatmap_mean", "negative_fraction", "range_vs_timestep_all", "time_groups"):
         fig = {"heatmap_mean": lambda: heatmap_figure(holey_stats, "mean"),
                "negative_fraction": lambda: fraction_figure(holey_stats, "negative"),
@@ -207,3 +210,20 @@ def test_taq_plot_refuses_an_output_directory_where_it_would_overwrite_the_stats
     before = stats_file.read_bytes()
     assert main(["plot", "--stats-file", str(stats_file), "--output-dir", str(tmp_path)]) == 2
     assert "--stats-file" in capsys.readouterr().err and stats_file.read_bytes() == before
+
+
+def test_the_channel_time_map_shows_the_widest_channels_per_timestep(stats):
+    arrays = stats.to_arrays()
+    layer = widest_layers(arrays, count=1)[0]
+    i = list(arrays["layers"]).index(layer)
+    fig = channel_time_map_figure(stats, layer, channels=5)
+    absolute, relative = fig.axes[0].images[0].get_array(), fig.axes[1].images[0].get_array()
+    ranges = arrays["max"][i].max(axis=0) - arrays["min"][i].min(axis=0)
+    widest = np.argsort(-ranges, kind="stable")[:5]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [str(c) for c in widest]
+    columns = np.argsort(-arrays["timesteps"], kind="stable")
+    np.testing.assert_allclose(absolute, (arrays["max"][i] - arrays["min"][i])[np.ix_(columns, widest)].T)
+    np.testing.assert_allclose(relative.max(axis=1), 1.0)
+    assert widest_layers(arrays) == sorted(map(str, arrays["layers"]), key=lambda n: -np.nanmax(
+        arrays["max"][list(arrays["layers"]).index(n)].max(axis=0)
+        - arrays["min"][list(arrays["layers"]).index(n)].min(axis=0)))[:2]

@@ -36,6 +36,7 @@ FIGURE_GROUPS = (  # (heading, file name prefix)
     ("How many time groups a time-aware quantizer needs", "time_groups"),
     ("Histograms per timestep", "histogram_"),
     ("Per-channel ranges and outlier channels", "channel_ranges_"),
+    ("Channel x timestep range maps of the widest layers", "channel_time_map_"),
 )
 LONG_VALUE = 160  # characters of a metadata value shown before it is shortened
 

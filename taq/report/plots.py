@@ -331,6 +331,57 @@ def channel_ranges_figure(stats, layer: str, outlier_fraction: float = OUTLIER_F
     return fig
 
 
+MAP_CHANNELS = 48  # channels per channel x timestep map: the widest
+MAP_LAYERS = 2  # layers that get one: the widest
+
+
+def widest_layers(arrays: dict, layers: Sequence[str] | None = None, count: int = MAP_LAYERS) -> list[str]:
+    """The `count` layers (among `layers`) with the widest single channel range, widest first."""
+    names = layer_names(arrays)
+    rows = select_layers(arrays, layers)
+    widest = {i: np.nanmax(channel_ranges(arrays, i)) if np.isfinite(channel_ranges(arrays, i)).any() else -np.inf
+              for i in rows}
+    return [names[i] for i in sorted(rows, key=lambda i: -widest[i])[:count] if np.isfinite(widest[i])]
+
+
+def channel_time_map_figure(stats, layer: str, channels: int = MAP_CHANNELS) -> Figure:
+    """Which channels drift, and when: each of the layer's widest channels' range (max - min) per timestep,
+    absolute (left, log colour) and relative to that channel's widest timestep (right)."""
+    arrays = stats_arrays(stats)
+    (i,) = select_layers(arrays, [layer])
+    ranges = channel_ranges(arrays, i)
+    timesteps = np.asarray(arrays["timesteps"], dtype=np.float64)
+    columns = np.argsort(-timesteps, kind="stable")  # denoising order
+    fig = _figure(13, 7.5)
+    left, right = fig.subplots(1, 2, sharey=True)
+    fig.suptitle(f"{layer}: per-timestep range of its {channels} widest channels (rows widest first)")
+    filled = np.isfinite(ranges)
+    if not filled.any() or columns.size == 0:
+        for ax in (left, right):
+            _no_data(ax, f"no channel has data in {layer}")
+        return fig
+    order = np.argsort(-np.where(filled, ranges, -np.inf), kind="stable")[:min(channels, int(filled.sum()))]
+    per_t = (np.asarray(arrays["max"][i]) - np.asarray(arrays["min"][i]))[np.ix_(columns, order)].T  # (rows, T)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = per_t / np.nanmax(per_t, axis=1, keepdims=True)
+    from matplotlib.colors import LogNorm
+
+    positive = per_t[np.isfinite(per_t) & (per_t > 0)]
+    norm = LogNorm(positive.min(), positive.max()) if positive.size else None
+    for ax, values, cmap, label, scale in ((left, per_t, "magma", "range (max − min), log colour", norm),
+                                           (right, relative, "viridis", "range / the channel's widest", None)):
+        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
+                          cmap=colormaps[cmap].with_extremes(bad="lightgrey"), norm=scale,
+                          **({} if scale else {"vmin": 0, "vmax": 1}))
+        ax.set_xticks(range(columns.size), [f"{t:.0f}" for t in timesteps[columns]], rotation=90, fontsize=7)
+        ax.set_xlabel(TIME_LABEL, fontsize=8)
+        fig.colorbar(image, ax=ax, pad=0.01, aspect=40).set_label(label)
+    left.set_yticks(range(order.size), [str(c) for c in order], fontsize=6)
+    left.set_ylabel("channel (widest first)")
+    _add_notes(fig, _missing_notes(arrays, [i]))
+    return fig
+
+
 # --------------------------------------------------------------------------- heatmaps
 
 
@@ -476,6 +527,10 @@ def write_figures(stats, output_dir: str | Path, layers: Sequence[str] | None = 
         jobs.append((f"channel_ranges_{_file_safe(name)}.png",
                      lambda n=name: channel_ranges_figure(arrays, n, outlier_fraction),
                      f"{name}: per-channel range over all timesteps, widest {100 * outlier_fraction:.3g}% in red."))
+    for name in widest_layers(arrays, selected):
+        jobs.append((f"channel_time_map_{_file_safe(name)}.png", lambda n=name: channel_time_map_figure(arrays, n),
+                     f"{name} (one of the {MAP_LAYERS} layers with the widest channel): which channels drift and "
+                     f"when, the range of its {MAP_CHANNELS} widest channels per timestep."))
     jobs += [
         ("heatmap_mean.png", lambda: heatmap_figure(arrays, "mean", selected), "Mean per layer and timestep."),
         ("heatmap_std.png", lambda: heatmap_figure(arrays, "std", selected), "Std per layer and timestep."),
