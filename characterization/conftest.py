@@ -162,6 +162,16 @@ def stats_arrays(stats_file) -> dict:
     return stats_file.arrays
 
 
+@pytest.fixture(scope="session")
+def claim_intervals(suite, stats_file) -> dict:
+    """(claim, layer) -> bootstrap 95% interval over the profile's trajectory groups (taq.analysis.uncertainty)."""
+    from taq.analysis.uncertainty import RESAMPLES, claim_intervals as intervals
+
+    suite.log(f"bootstrapping the statistics claims over {len(stats_file.groups or ())} trajectory groups "
+              f"({RESAMPLES} resamples)")
+    return intervals(stats_file)
+
+
 @pytest.fixture
 def check_claim(request, suite):
     """check_claim(layer[, result]): the test's claim (its `claim` marker) for the layer, measured from the
@@ -173,6 +183,7 @@ def check_claim(request, suite):
     def check(layer: str, result: Measurement | None = None) -> None:
         if result is None:
             result = measure(request.getfixturevalue("stats_arrays"), layer, claim)
+            result = replace(result, interval=request.getfixturevalue("claim_intervals").get((claim, layer)))
         expected = suite.expectations.expected(claim, layer)
         failing = contradicts(expected, result.outcome) and not suite.update_expectations
         changed = "" if suite.update_expectations or expected in (None, result.outcome) else (

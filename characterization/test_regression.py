@@ -4,6 +4,7 @@ Baselines: characterization/baselines/<model>.npz, made with the ci recipe (`--t
 from the current run). Statistics and tolerances: characterization/regression.py.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,11 @@ def test_regression_check_catches_a_perturbed_ffn_weight(suite, calibration_path
         pytest.skip("the regression check's own test runs on the embedded default (--taq-model pocket)")
     save_baseline(tmp_path / "reference.npz", make_baseline(stats_file.arrays, baseline_meta(suite, stats_file)))
     reference = load_baseline(tmp_path / "reference.npz")
-    perturbed = ensure_stats(perturbed_model(suite.model_name), calibration_path, suite.recipe, suite.cache_dir,
-                             suite.log, variant=f"{PERTURBED_PARAMETER} x {PERTURBATION_SCALE}")
+    # One pass, no trajectory groups: only the merged statistics are compared (the batching differs from the
+    # grouped profile's by float32 rounding, far inside the tolerances).
+    perturbed = ensure_stats(perturbed_model(suite.model_name), calibration_path,
+                             replace(suite.recipe, profile_groups=1), suite.cache_dir, suite.log,
+                             variant=f"{PERTURBED_PARAMETER} x {PERTURBATION_SCALE}")
     assert compare(stats_file.arrays, reference) == []
     mismatches = compare(perturbed.arrays, reference)
     flagged = {m.layer for m in mismatches}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from taq.analysis.claims import CLAIMS, measure_all
+from taq.analysis.uncertainty import claim_intervals
 from taq.calibration import calibrate, default_prompts
 from taq.errors import Interrupted
 from taq.formats import TaqFormatError, check_outputs_in_spare
@@ -83,7 +84,8 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
               "weights_id": model.weights_id, "variant": variant,
               "calibration": cache_key(calibration_format.read_meta(calibration_path)),
               "num_samples": recipe.num_samples, "seed": recipe.profile_seed,
-              "batch_size": recipe.profile_batch_size, "hist_spec": asdict(recipe.histogram)}
+              "batch_size": recipe.profile_batch_size, "groups": recipe.profile_groups,
+              "hist_spec": asdict(recipe.histogram)}
     path = cache_dir / f"stats-{model.name}-{recipe.name}-{cache_key(record)}.npz"
     stats = _cached(path, load_stats, log)
     if stats is None:
@@ -92,7 +94,7 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
         try:
             summary = profile(model, calibration_path, num_samples=recipe.num_samples, seed=recipe.profile_seed,
                               batch_size=recipe.profile_batch_size, hist_spec=recipe.histogram, output=path,
-                              progress=progress)
+                              progress=progress, groups=recipe.profile_groups)
         except KeyboardInterrupt:
             raise Interrupted(f"the calibration set is kept in {calibration_path}; run the same command again to "
                               "profile it") from None
@@ -103,10 +105,15 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
     return stats
 
 
-def claim_rows(arrays: dict) -> list[dict]:
-    """Every claim for every layer as report rows."""
-    return [{"claim": m.claim, "layer": m.layer, "measured": m.value, "interval": m.interval,
-             "threshold": m.threshold, "outcome": m.outcome, "note": m.note} for m in measure_all(arrays)]
+def claim_rows(stats: StatsFile) -> list[dict]:
+    """Every claim for every layer as report rows, with the bootstrap interval where the file holds groups."""
+    intervals = claim_intervals(stats)
+    rows = []
+    for m in measure_all(stats.arrays):
+        m = replace(m, interval=intervals.get((m.claim, m.layer)))
+        rows.append({"claim": m.claim, "layer": m.layer, "measured": m.value, "interval": m.interval,
+                     "threshold": m.threshold, "outcome": m.outcome, "note": m.note})
+    return rows
 
 
 def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, log: Log = print) -> Path:
@@ -116,7 +123,7 @@ def run_report(model: Model, recipe: Recipe, report_dir: Path, cache_dir: Path, 
     calibration_path, calibration_meta = ensure_calibration(model, recipe, cache_dir, log, progress=True)
     stats = ensure_stats(model, calibration_path, recipe, cache_dir, log, progress=True)
     log("measuring the claims and drawing the figures")
-    return write_report(report_dir, stats, calibration_meta=calibration_meta, claims=claim_rows(stats.arrays),
+    return write_report(report_dir, stats, calibration_meta=calibration_meta, claims=claim_rows(stats),
                         claim_info=CLAIMS)
 
 

@@ -7,6 +7,12 @@ statistics (the file's metadata says so).
 
 The same seed, calibration file, model and batch size give byte-identical statistics arrays.
 
+`groups` > 1 also keeps the statistics of disjoint groups of the sampled points -- trajectory index mod `groups`,
+since points of one trajectory are not independent -- traced group by group and stored beside the merged
+statistics (`taq.formats.stats`), so every claim can get a bootstrap interval over groups
+(`taq.analysis.uncertainty`). Counts are those of a single pass; the values differ from a single pass's by the
+float32 rounding of differently composed forward batches (min and max by about 1e-6 on pocket).
+
 Several processes (`mlx.launch -n N -- python -m taq.cli profile ...`, see taq.distributed): every rank plans the
 same forward batches and runs batch k when k % N is its rank; rank 0 gathers the per-rank statistics and merges
 them in rank order (`taq.distributed.gather_stats`: float64 arrays sent as raw bytes, Chan's update in float64).
@@ -39,13 +45,35 @@ from taq.formats.stats import save_stats
 from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
-from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches
+from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches, point_batches
 from taq.tracing.stats import timestep_key
 
 ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
              "ones; both rows are counted, so count = 2 x points x tokens per channel")
 
+GROUPING_NOTE = ("groups of the sampled points by trajectory index mod groups, each traced on its own; the "
+                 "statistics are their merge")
+
 # --------------------------------------------------------------------------- the driver
+
+
+def group_batches(cal: CalibrationSet, batches: list[ForwardBatch], groups: int,
+                  batch_size: int) -> list[list[ForwardBatch]]:
+    """The plan's points in `groups` groups by trajectory (index mod `groups`), each group in its own forward
+    batches; one group is the plan itself."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if groups == 1:
+        return [batches]
+    points = np.concatenate([batch.points for batch in batches])
+    which = cal.trajectory_indices[points] % groups
+    empty = [g for g in range(groups) if not np.any(which == g)]
+    if empty:
+        found = len(np.unique(cal.trajectory_indices[points]))
+        raise ValueError(f"{groups} groups need points from at least {groups} trajectories; the sample holds "
+                         f"points of {found} (groups {empty} would be empty)")
+    return [point_batches(cal, points[which == g], batch_size) for g in range(groups)]
+
 
 
 @dataclass(frozen=True)
@@ -67,7 +95,8 @@ class ProfileSummary:
 
 def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: int = 512, seed: int = 0,
             batch_size: int = 32, layers: Optional[Sequence[str]] = None, hist_spec: HistogramSpec = HistogramSpec(),
-            output: str | os.PathLike, progress: bool = True, world: Optional[World] = None) -> ProfileSummary:
+            output: str | os.PathLike, progress: bool = True, world: Optional[World] = None,
+            groups: int = 1) -> ProfileSummary:
     """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
 
     Everything is checked before the first forward; nothing is written unless the whole run succeeds (on every
@@ -78,12 +107,12 @@ def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: i
     check_outputs_spare_inputs({"the output": output}, {"the calibration file": calibration_path})
     return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
                     batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress,
-                    world=world)
+                    world=world, groups=groups)
 
 
 def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, *, num_samples: int, seed: int,
              batch_size: int, layers: Optional[Sequence[str]], hist_spec: HistogramSpec, output: Path,
-             progress: bool, world: Optional[World] = None) -> ProfileSummary:
+             progress: bool, world: Optional[World] = None, groups: int = 1) -> ProfileSummary:
     started = time.perf_counter()
     world = current_world() if world is None else world
     with collective_step(world, "checking the inputs") as setup:
@@ -92,29 +121,43 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
         layer_paths = mmdit_layer_paths(model.mmdit, layers)
         check_calibration_fits(cal, model, str(calibration_path))
         batches = plan_batches(cal, num_samples, seed, batch_size)
+        grouped = group_batches(cal, batches, groups, batch_size)
+        batches = [batch for group in grouped for batch in group]
         setup.value = _run_record(model, cal, layer_paths, hist_spec, batches)
     check_agreement(setup.values, "the profiling run")
 
-    mine = shard(batches, world)
     try:
         with collective_step(world, "tracing", note=f"nothing was written to {output}"):
-            stats = ActivationStats(hist_spec, layer_paths)
+            shards = [shard(group, world) for group in grouped]
             desc = "profile" if world.size == 1 else f"profile ({world.label})"
-            with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer, \
-                    tqdm(total=sum(len(batch.points) for batch in mine), unit="pt", desc=desc,
-                         disable=not (progress and world.is_root)) as bar:
-                # A GPU runs the forward and its reductions as one compiled graph; the CPU backend compiles slowly.
-                forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu else model.mmdit
-                for batch in mine:
-                    tracer.timestep = batch.timestep
-                    tracer.flush(forward(*batch_inputs(cal, batch)))
-                    bar.update(len(batch.points))
-        stats = gather_stats(world, stats)  # merged on rank 0, None on the others
+            mine_per_group = []
+            with tqdm(total=sum(len(batch.points) for mine in shards for batch in mine), unit="pt", desc=desc,
+                      disable=not (progress and world.is_root)) as bar:
+                for mine in shards:
+                    stats = ActivationStats(hist_spec, layer_paths)
+                    with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer:
+                        # A GPU runs the forward and its reductions as one compiled graph; the CPU backend
+                        # compiles slowly.
+                        forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu \
+                            else model.mmdit
+                        for batch in mine:
+                            tracer.timestep = batch.timestep
+                            tracer.flush(forward(*batch_inputs(cal, batch)))
+                            bar.update(len(batch.points))
+                    mine_per_group.append(stats)
+        # After the tracing step, so that a rank that failed in it never leaves the others waiting in a gather.
+        per_group = [gather_stats(world, stats) for stats in mine_per_group]  # merged on rank 0, None elsewhere
 
         with collective_step(world, "writing the statistics", note=f"{output} was not written"):
             if world.is_root:
-                save_stats(output, stats, _stats_meta(model, cal, calibration_path, layer_paths, seed, num_samples,
-                                                      batch_size, hist_spec, batches, world))
+                merged = per_group[0]
+                for stats in per_group[1:]:
+                    merged = merged.merge(stats)
+                meta = _stats_meta(model, cal, calibration_path, layer_paths, seed, num_samples, batch_size,
+                                   hist_spec, batches, world)
+                if groups > 1:
+                    meta.update(groups=groups, grouping=GROUPING_NOTE)
+                save_stats(output, merged, meta, groups=per_group if groups > 1 else None)
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written to {output} (profiling keeps no partial results); run the same "
                           "command again to start over") from None
@@ -181,6 +224,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32,
                         help="points per forward, 2x rows with CFG (default: %(default)s)")
     parser.add_argument("--layers", nargs="+", metavar="LAYER", help="only these layers, e.g. mm_00_img mm_04_txt")
+    parser.add_argument("--groups", type=int, default=1,
+                        help="also keep the statistics of this many trajectory groups (trajectory index mod N), so "
+                             "the claims get bootstrap intervals; the suite and taq report use 8 (default: "
+                             "%(default)s)")
     add_histogram_options(parser.add_argument)
 
 
@@ -189,6 +236,8 @@ def run_cli(args: argparse.Namespace) -> None:
     check_model_options(args.model, args.checkpoint, args.random_weights)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
+    if args.groups < 1:
+        raise ValueError(f"--groups must be >= 1, got {args.groups}")
     output = check_output_path(args.output)
     check_outputs_spare_inputs({"--output": output},
                                {"--calibration-file": args.calibration_file, "--checkpoint": args.checkpoint})
@@ -199,6 +248,6 @@ def run_cli(args: argparse.Namespace) -> None:
     with fail_together("profile"):
         summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
                            batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
-                           progress=True)
+                           progress=True, groups=args.groups)
     if current_world().is_root:
         print(summary.line())

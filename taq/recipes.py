@@ -73,6 +73,7 @@ class Recipe:
     num_samples: int = 512
     profile_seed: int = 0
     profile_batch_size: int = 32
+    profile_groups: int = 8  # trajectory groups kept for the claims' bootstrap intervals (taq.analysis.uncertainty)
     histogram: HistogramSpec = HistogramSpec()
 
     def describe(self) -> str:

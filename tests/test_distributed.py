@@ -232,20 +232,25 @@ def test_two_ranks_write_the_single_process_calibration_file(single_calibration,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz"]  # no partial or temporary file left
 
 
-def test_two_ranks_profile_as_one_process(single_calibration, tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_two_ranks_profile_as_one_process(single_calibration, tmp_path, groups):
     single, merged = tmp_path / "single.npz", tmp_path / "merged.npz"
-    args = ["profile", "--calibration-file", str(single_calibration), *PROFILE]
+    args = ["profile", "--calibration-file", str(single_calibration), *PROFILE, "--groups", str(groups)]
     assert main([*args, "--output", str(single)]) == 0
     result = launch("-m", "taq.cli", *args, "--output", str(merged))
     assert rank_exit_codes(result) == {}, result.stderr
-    assert len(summary_lines(result)) == 1 and "(8 forwards)" in summary_lines(result)[0]
+    assert len(summary_lines(result)) == 1
+    assert groups > 1 or "(8 forwards)" in summary_lines(result)[0]
     got, expected = load_stats(merged), load_stats(single)
     assert got.meta["ranks"] == 2 and got.meta["sampled_points"] == expected.meta["sampled_points"]
-    for key, value in expected.arrays.items():
-        if key in ("mean", "m2", "std", "negative_fraction"):
-            np.testing.assert_allclose(got.arrays[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
-        else:
-            np.testing.assert_array_equal(got.arrays[key], value, err_msg=key)
+    pairs = [(got.arrays, expected.arrays)] + list(zip(got.groups or [], expected.groups or []))
+    assert len(pairs) == (1 if groups == 1 else 1 + groups)
+    for got_arrays, expected_arrays in pairs:
+        for key, value in expected_arrays.items():
+            if key in ("mean", "m2", "std", "negative_fraction"):
+                np.testing.assert_allclose(got_arrays[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+            else:
+                np.testing.assert_array_equal(got_arrays[key], value, err_msg=key)
 
 
 GATHER_SCRIPT = """

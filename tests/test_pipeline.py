@@ -13,7 +13,7 @@ from taq.pipeline import run_report
 from taq.recipes import CalibrationRecipe, Recipe
 
 SMALL = Recipe("test", CalibrationRecipe(num_trajectories=2, num_steps=4, num_selected=2, batch_size=2),
-               num_samples=4, profile_batch_size=4)
+               num_samples=4, profile_batch_size=4, profile_groups=2)
 
 
 def test_report_runs_the_pipeline_then_reuses_the_cache(tmp_path):

@@ -98,6 +98,8 @@ class _Candidates:
     his: np.ndarray  # (H,)
     totals: np.ndarray  # (T, H)
     count: float
+    bins: slice  # the occupied bins, first .. last
+    errors: np.ndarray  # (H, occupied bins) mean squared error of a value spread over each bin, per candidate
 
 
 def _candidate_totals(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None,
@@ -118,7 +120,25 @@ def _candidate_totals(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest
     candidates = edges[occupied + 1]  # (H,) each > lo
     # Bins outside [first, last) are empty at every timestep: leave them out of the (H, bins) error matrix.
     errors = binned_squared_errors(edges[first:last + 1], lo, candidates[:, None], bits)  # (H, last - first)
-    return _Candidates(lo, candidates, hist[:, first:last] @ errors.T, float(hist.sum()))
+    return _Candidates(lo, candidates, hist[:, first:last] @ errors.T, float(hist.sum()), slice(first, last), errors)
+
+
+def group_time_aware_totals(hist_groups: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None = None,
+                            highest: float | None = None) -> np.ndarray:
+    """(G, T, H) each group's summed squared error per timestep and candidate range, the candidates and lo those of
+    all groups together (as `time_aware_mse` sees them): the error is linear in the histogram, so the totals of a
+    resample that takes group g w_g times are sum_g w_g totals[g] (`time_aware_ratio`)."""
+    hist_groups = np.asarray(hist_groups, dtype=np.float64)
+    c = _candidate_totals(hist_groups.sum(axis=0), bin_edges, bits, lowest, highest)
+    return hist_groups[..., c.bins] @ c.errors.T
+
+
+def time_aware_ratio(totals: np.ndarray) -> float:
+    """Shared over per-timestep MSE from (T, H) summed squared errors (the time-aware claims' number)."""
+    shared, per_timestep = totals.sum(axis=0).min(), totals.min(axis=1).sum()
+    if per_timestep == 0:
+        return float("inf") if shared > 0 else float("nan")
+    return float(shared / per_timestep)
 
 
 def time_aware_mse(hist: np.ndarray, bin_edges: np.ndarray, bits: int, lowest: float | None = None,

@@ -125,14 +125,16 @@ def check_output_path(output: str | os.PathLike) -> Path:
     return output
 
 
-def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict, *, kind: str, version: int) -> None:
-    """Write `arrays` and `meta` (JSON-serializable) to `path` atomically."""
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict, *, kind: str, version: int,
+             compress: bool = False) -> None:
+    """Write `arrays` and `meta` (JSON-serializable) to `path` atomically; `compress`: deflate every array (for
+    large, sparse ones such as per-group histograms)."""
     record = {"kind": kind, "format_version": version, **meta}
     payload = {k: np.asarray(v) for k, v in arrays.items()}
     payload[META_KEY] = np.array(json.dumps(record, sort_keys=True))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **payload)
+            (np.savez_compressed if compress else np.savez)(f, **payload)
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # every .npz is a zip archive

@@ -40,8 +40,12 @@ def plan_batches(cal: CalibrationSet, num_samples: int, seed: int, batch_size: i
     """The sampled points in forward batches of at most `batch_size` points that share one timestep."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    points = sample_points(len(cal), num_samples, seed)
-    points = points[np.lexsort((points, cal.prompt_indices[points], cal.ts[points]))]  # by t, then prompt
+    return point_batches(cal, sample_points(len(cal), num_samples, seed), batch_size)
+
+
+def point_batches(cal: CalibrationSet, points: np.ndarray, batch_size: int) -> list[ForwardBatch]:
+    """`points` in forward batches of at most `batch_size` points that share one timestep, by t, then prompt."""
+    points = points[np.lexsort((points, cal.prompt_indices[points], cal.ts[points]))]
     batches = []
     for t in np.unique(cal.ts[points]):
         same_t = points[cal.ts[points] == t]

@@ -497,8 +497,14 @@ class ActivationStats:
 
     # ---- export
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        layers, timesteps = self.layers, self.timesteps
+    def to_arrays(self, timesteps: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+        """Every cell as arrays over the layers and `timesteps` (default: its own; a superset lays out a group's
+        statistics like the merged ones, timesteps it has no data for as empty cells)."""
+        layers = self.layers
+        if timesteps is None:
+            timesteps = self.timesteps
+        elif not set(self.timesteps) <= set(timesteps):
+            raise ValueError(f"timesteps {sorted(set(self.timesteps) - set(timesteps))} hold data but are not laid out")
         L, T, C, B = len(layers), len(timesteps), self.channels or 0, self.spec.bins
         out = {
             "layers": np.array(layers, dtype=str),
