@@ -33,6 +33,13 @@ def tally(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
     return {claim: {o: c[o] for o in OUTCOMES + (UNEXPECTED,)} for claim, c in counts.items() if c}
 
 
+def _json_value(value):
+    """Non-finite floats (also inside an interval) as strings: JSON has no NaN or infinity."""
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _number(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
@@ -108,8 +115,7 @@ def write_claims(records: Sequence[Mapping], report_dir: Path, context: Mapping)
     document = {**context, "summary": tally(records),
                 "thresholds": {name: {"value": c.threshold, "measure": c.measure, "observation": c.observation}
                                for name, c in ALL_CLAIMS.items()},
-                "claims": [{k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in r.items()}
-                           for r in records]}
+                "claims": [{k: _json_value(v) for k, v in r.items()} for r in records]}
     for name, text in (("claims.json", json.dumps(document, indent=2) + "\n"),
                        ("claims.md", claims_markdown(records, context))):
         with atomic_path(report_dir / name) as tmp:
