@@ -70,7 +70,8 @@ def stats(post_gelu_stats):
 
 @pytest.fixture(scope="module")
 def report(stats, tmp_path_factory):
-    stats_file = StatsFile(stats=stats, arrays=stats.to_arrays(), meta={"model": "synthetic-mmdit", "seed": 0})
+    stats_file = StatsFile(stats=stats, arrays=stats.to_arrays(), meta={"model": "synthetic-mmdit", "seed": 0,
+                                                                             "num_samples": 512, "groups": 8})
     report_dir = tmp_path_factory.mktemp("report")
     (report_dir / "claims").mkdir()  # a claim figure on disk, as the characterization suite leaves them
     save_figure(Figure(figsize=(2, 1)), report_dir / "claims" / "temporal range ratio > 2.png")
@@ -192,6 +193,8 @@ def test_report_reads_top_to_bottom_what_claims_and_figures(report):
     assert "TaQ-DiT" in page and "arXiv:2411.14172" in page
     assert "64 trajectories x 100 Euler steps, 25 kept (stride), CFG 1.5, seed 0: 1600 points" in page
     assert "4 claims, 4 measurements: 1 holds, 2 does not hold, 1 undecided" in page
+    assert "512 points (each as a conditional and an unconditional row), 11 FFN layers x 5 timesteps, in 8 " \
+           "trajectory groups" in page
 
 
 def test_claims_matrix_colours_each_cell_by_outcome_and_explains_on_hover(report):

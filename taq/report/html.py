@@ -184,7 +184,7 @@ def _kind(outcome: str) -> str:
 
 
 def intro_section(stats_meta: Mapping | None, calibration_meta: Mapping | None, rows: Sequence[LayerSummary],
-                  claims: Sequence[Mapping] | None) -> str:
+                  claims: Sequence[Mapping] | None, timesteps: int | None = None) -> str:
     """What TaQ-DiT claims, and what was measured on what: model, weights, recipe, counts."""
     stats_meta, cal = stats_meta or {}, calibration_meta or {}
     facts = {"model": stats_meta.get("model") or cal.get("model"),
@@ -195,8 +195,10 @@ def intro_section(stats_meta: Mapping | None, calibration_meta: Mapping | None, 
                                 f"{cal.get('cfg_scale', '?')}, seed {cal.get('seed', '?')}: "
                                 f"{cal.get('num_points', '?')} points")
     if stats_meta.get("num_samples"):
+        groups = f", in {stats_meta['groups']} trajectory groups" if stats_meta.get("groups") else ""
         facts["profiled"] = (f"{stats_meta['num_samples']} points (each as a conditional and an unconditional row), "
-                             f"{len(rows)} FFN layers x {stats_meta.get('num_forwards', '?')} timesteps")
+                             f"{len(rows)} FFN layers x {timesteps if timesteps is not None else '?'} timesteps"
+                             f"{groups}")
     if claims:
         outcomes = [str(c.get("outcome")) for c in claims]
         facts["claims"] = (f"{len({c['claim'] for c in claims})} claims, {len(claims)} measurements: "
@@ -321,12 +323,13 @@ def benchmarks_section(benchmarks: Mapping | None) -> str:
 def render_report(rows: Sequence[LayerSummary], figures: Sequence[WrittenFigure], report_dir: Path, *,
                   stats_meta: Mapping | None = None, calibration_meta: Mapping | None = None,
                   claims: Sequence[Mapping] | None = None, claim_info: Mapping[str, Claim] | None = None,
-                  benchmarks: Mapping | None = None, outlier_fraction: float = OUTLIER_FRACTION) -> str:
+                  benchmarks: Mapping | None = None, outlier_fraction: float = OUTLIER_FRACTION,
+                  timesteps: int | None = None) -> str:
     """The page as a string; figure paths are made relative to report_dir."""
     model = (stats_meta or {}).get("model") or (calibration_meta or {}).get("model") or "unknown model"
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sections = [
-        ("measured", "What was measured", intro_section(stats_meta, calibration_meta, rows, claims)),
+        ("measured", "What was measured", intro_section(stats_meta, calibration_meta, rows, claims, timesteps)),
         ("claims", "Claims", claims_section(claims, claim_info, report_dir)),
         ("figures", "Figures", figures_section(figures, report_dir, len(rows))),
         ("summary", "Summary table", summary_section(rows, outlier_fraction)),
@@ -375,7 +378,7 @@ def write_report(report_dir: str | Path, stats_file, *, calibration_meta: Mappin
     write_summary(rows, report_dir, outlier_fraction)
     page = render_report(rows, figures, report_dir, stats_meta=stats_meta, calibration_meta=calibration_meta,
                          claims=claims, claim_info=claim_info, benchmarks=benchmarks,
-                         outlier_fraction=outlier_fraction)
+                         outlier_fraction=outlier_fraction, timesteps=len(stats_arrays(stats_file)["timesteps"]))
     index = report_dir / "index.html"
     with atomic_path(index) as tmp:
         tmp.write_text(page, encoding="utf-8")
