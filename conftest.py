@@ -28,6 +28,9 @@ def pytest_addoption(parser):
                     help="rewrite characterization/expectations/<model>.json from this run's measurements")
     group.addoption("--taq-update-baselines", action="store_true",
                     help="rewrite characterization/baselines/<model>.npz from this run's statistics")
+    group.addoption("--taq-branches", action="store_true",
+                    help="also profile the conditional and unconditional CFG rows apart and check every statistics "
+                         "claim on each branch (layers <layer>:cond, <layer>:uncond)")
     group.addoption("--taq-bench-sd3", action="store_true",
                     help="run the random-weight sd3-medium benchmarks on the CPU device too (they always run on "
                          "GPU/Metal devices)")

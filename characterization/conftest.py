@@ -22,6 +22,7 @@ from taq.models.mmdit import MMDiT
 from taq.pipeline import ensure_calibration, ensure_stats
 from taq.recipes import Recipe, get_recipe
 from taq.tracing import mmdit_layer_paths
+from taq.tracing.tracer import BRANCHES, branch_layer
 
 from characterization.claims_table import tally, write_claims
 from characterization.registry import ALL_CLAIMS, QUANT_CLAIM_LAYERS
@@ -74,7 +75,8 @@ class Suite:
         if calibration_file is not None and not Path(calibration_file).is_file():
             raise pytest.UsageError(f"--taq-calibration {calibration_file}: no such file")
         return cls(config=config, model_name=model_name, checkpoint=checkpoint, random_weights=random_weights,
-                   recipe=replace(get_recipe(config.getoption("--taq-recipe")), histogram=histogram),
+                   recipe=replace(get_recipe(config.getoption("--taq-recipe")), histogram=histogram,
+                                  profile_branches=config.getoption("--taq-branches")),
                    calibration_file=Path(calibration_file).resolve() if calibration_file else None,
                    report_dir=root / config.getoption("--taq-report-dir"), cache_dir=root / ".cache" / "taq",
                    update_expectations=config.getoption("--taq-update-expectations"),
@@ -83,8 +85,12 @@ class Suite:
 
     @cached_property
     def layers(self) -> list[str]:
-        """The model's FFN layer names, from its (lazily built, never evaluated) architecture."""
-        return list(mmdit_layer_paths(MMDiT(get_preset(self.model_name).mmdit)))
+        """The model's FFN layer names, from its (lazily built, never evaluated) architecture; with
+        --taq-branches each followed by its two CFG branches."""
+        names = list(mmdit_layer_paths(MMDiT(get_preset(self.model_name).mmdit)))
+        if not self.recipe.profile_branches:
+            return names
+        return [n for name in names for n in (name, *(branch_layer(name, b) for b in BRANCHES))]
 
     def log(self, message: str) -> None:
         """A line on the terminal now, also from inside a fixture (output capture is suspended for it)."""

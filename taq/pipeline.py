@@ -85,6 +85,7 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
               "calibration": cache_key(calibration_format.read_meta(calibration_path)),
               "num_samples": recipe.num_samples, "seed": recipe.profile_seed,
               "batch_size": recipe.profile_batch_size, "groups": recipe.profile_groups,
+              **({"branches": True} if recipe.profile_branches else {}),
               "hist_spec": asdict(recipe.histogram)}
     path = cache_dir / f"stats-{model.name}-{recipe.name}-{cache_key(record)}.npz"
     stats = _cached(path, load_stats, log)
@@ -94,7 +95,7 @@ def ensure_stats(model: Model, calibration_path: Path, recipe: Recipe, cache_dir
         try:
             summary = profile(model, calibration_path, num_samples=recipe.num_samples, seed=recipe.profile_seed,
                               batch_size=recipe.profile_batch_size, hist_spec=recipe.histogram, output=path,
-                              progress=progress, groups=recipe.profile_groups)
+                              progress=progress, groups=recipe.profile_groups, branches=recipe.profile_branches)
         except KeyboardInterrupt:
             raise Interrupted(f"the calibration set is kept in {calibration_path}; run the same command again to "
                               "profile it") from None

@@ -51,6 +51,8 @@ from taq.tracing.stats import timestep_key
 ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's embeddings and the unconditional "
              "ones; both rows are counted, so count = 2 x points x tokens per channel")
 
+BRANCHES_NOTE = ("each layer's conditional and unconditional CFG rows are also kept apart, as <layer>:cond and "
+                 "<layer>:uncond; <layer> is their union")
 GROUPING_NOTE = ("groups of the sampled points by trajectory index mod groups, each traced on its own; the "
                  "statistics are their merge")
 
@@ -96,7 +98,7 @@ class ProfileSummary:
 def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: int = 512, seed: int = 0,
             batch_size: int = 32, layers: Optional[Sequence[str]] = None, hist_spec: HistogramSpec = HistogramSpec(),
             output: str | os.PathLike, progress: bool = True, world: Optional[World] = None,
-            groups: int = 1) -> ProfileSummary:
+            groups: int = 1, branches: bool = False) -> ProfileSummary:
     """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
 
     Everything is checked before the first forward; nothing is written unless the whole run succeeds (on every
@@ -107,12 +109,13 @@ def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: i
     check_outputs_spare_inputs({"the output": output}, {"the calibration file": calibration_path})
     return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
                     batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress,
-                    world=world, groups=groups)
+                    world=world, groups=groups, branches=branches)
 
 
 def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, *, num_samples: int, seed: int,
              batch_size: int, layers: Optional[Sequence[str]], hist_spec: HistogramSpec, output: Path,
-             progress: bool, world: Optional[World] = None, groups: int = 1) -> ProfileSummary:
+             progress: bool, world: Optional[World] = None, groups: int = 1,
+             branches: bool = False) -> ProfileSummary:
     started = time.perf_counter()
     world = current_world() if world is None else world
     with collective_step(world, "checking the inputs") as setup:
@@ -134,8 +137,8 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
             with tqdm(total=sum(len(batch.points) for mine in shards for batch in mine), unit="pt", desc=desc,
                       disable=not (progress and world.is_root)) as bar:
                 for mine in shards:
-                    stats = ActivationStats(hist_spec, layer_paths)
-                    with trace_ffn_activations(model.mmdit, layer_paths, stats) as tracer:
+                    stats = ActivationStats(hist_spec)  # the tracer fixes the layer order (and the branches)
+                    with trace_ffn_activations(model.mmdit, layer_paths, stats, branches=branches) as tracer:
                         # A GPU runs the forward and its reductions as one compiled graph; the CPU backend
                         # compiles slowly.
                         forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu \
@@ -157,6 +160,8 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
                                    hist_spec, batches, world)
                 if groups > 1:
                     meta.update(groups=groups, grouping=GROUPING_NOTE)
+                if branches:
+                    meta["branches"] = BRANCHES_NOTE
                 save_stats(output, merged, meta, groups=per_group if groups > 1 else None)
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written to {output} (profiling keeps no partial results); run the same "
@@ -228,6 +233,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also keep the statistics of this many trajectory groups (trajectory index mod N), so "
                              "the claims get bootstrap intervals; the suite and taq report use 8 (default: "
                              "%(default)s)")
+    parser.add_argument("--branches", action="store_true",
+                        help="also keep the conditional and unconditional CFG rows apart, as layers "
+                             "<layer>:cond and <layer>:uncond")
     add_histogram_options(parser.add_argument)
 
 
@@ -248,6 +256,6 @@ def run_cli(args: argparse.Namespace) -> None:
     with fail_together("profile"):
         summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
                            batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
-                           progress=True, groups=args.groups)
+                           progress=True, groups=args.groups, branches=args.branches)
     if current_world().is_root:
         print(summary.line())

@@ -74,6 +74,7 @@ class Recipe:
     profile_seed: int = 0
     profile_batch_size: int = 32
     profile_groups: int = 8  # trajectory groups kept for the claims' bootstrap intervals (taq.analysis.uncertainty)
+    profile_branches: bool = False  # also keep the conditional and unconditional CFG rows apart
     histogram: HistogramSpec = HistogramSpec()
 
     def describe(self) -> str:

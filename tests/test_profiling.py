@@ -369,3 +369,23 @@ def test_load_stats_refuses_bad_files_naming_the_problem(some_stats, tmp_path, c
     rewrite(tmp_path / "good.npz", tmp_path / "bad.npz", change)
     with pytest.raises(TaqFormatError, match=message):
         load_stats(tmp_path / "bad.npz")
+
+
+def test_cfg_branches_are_kept_apart_and_their_union_is_the_layer(tiny_model, tiny_calibration, tmp_path):
+    profile(tiny_model, tiny_calibration, num_samples=12, batch_size=4, output=tmp_path / "b.npz", progress=False,
+            branches=True)
+    profile(tiny_model, tiny_calibration, num_samples=12, batch_size=4, output=tmp_path / "a.npz", progress=False)
+    both, plain = load_stats(tmp_path / "b.npz"), load_stats(tmp_path / "a.npz")
+    names = list(both.arrays["layers"])
+    base = list(plain.arrays["layers"])
+    assert names == [n for layer in base for n in (layer, f"{layer}:cond", f"{layer}:uncond")]
+    assert "conditional and unconditional" in both.meta["branches"]
+    for layer in base:
+        i, c, u, k = names.index(layer), names.index(f"{layer}:cond"), names.index(f"{layer}:uncond"), base.index(layer)
+        for key in ("count", "hist", "min", "max", "mean", "m2"):  # the union is exactly the layer without branches
+            np.testing.assert_array_equal(both.arrays[key][i], plain.arrays[key][k], err_msg=key)
+        a = both.arrays
+        np.testing.assert_array_equal(a["count"][c] + a["count"][u], a["count"][i])
+        np.testing.assert_array_equal(a["hist"][c] + a["hist"][u], a["hist"][i])
+        np.testing.assert_array_equal(np.fmin(a["min"][c], a["min"][u]), a["min"][i])
+        assert not np.array_equal(a["mean"][c], a["mean"][u])  # the two prompts' rows differ

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-LAYER_NAME = re.compile(r"mm_(\d+)_(img|txt)")
+LAYER_NAME = re.compile(r"mm_(\d+)_(img|txt)(?::(?:cond|uncond))?")  # a CFG branch of a layer keeps its stream
 
 
 # --------------------------------------------------------------------------- input

@@ -69,6 +69,14 @@ def mmdit_layer_paths(model: nn.Module, layers=None) -> dict[str, str]:
     return {name: path for name, path in found.items() if name in layers}
 
 
+BRANCHES = ("cond", "uncond")  # CFG rows of a forward: conditional first, then unconditional (plan.batch_inputs)
+
+
+def branch_layer(layer: str, branch: str) -> str:
+    """The name under which one CFG branch's rows of `layer` are kept: `mm_03_img:cond`, `mm_03_img:uncond`."""
+    return f"{layer}:{branch}"
+
+
 class RecordingModule(nn.Module):
     """Calls the wrapped module unchanged and passes its output (or, with `input=True`, its first argument) to
     `record`."""
@@ -95,9 +103,10 @@ class FFNTracer:
     waiting for the merges: `stats` is complete only after it, and must not be updated otherwise in between.
     """
 
-    def __init__(self, stats: ActivationStats, reduce: Callable[[mx.array], BatchReduction]):
+    def __init__(self, stats: ActivationStats, reduce: Callable[[mx.array], BatchReduction], branches: bool = False):
         self.stats = stats
         self._reduce = reduce
+        self._branches = branches
         self._timestep: float | None = None
         self._pending: list[tuple[str, float, BatchReduction]] = []
         self._in_flight: tuple[list, tuple[mx.array, mx.array]] | None = None
@@ -126,6 +135,13 @@ class FFNTracer:
             if not isinstance(out, mx.array):
                 raise TypeError(f"layer {layer!r} returned {type(out).__name__}, expected an mx.array")
             self._pending.append((layer, self._timestep, self._reduce(out)))
+            if self._branches:  # also each CFG half on its own; the layer itself stays their union
+                if out.shape[0] % 2:
+                    raise ValueError(f"layer {layer!r}: {out.shape[0]} rows cannot be split into conditional and "
+                                     "unconditional halves")
+                half = out.shape[0] // 2
+                for branch, rows in zip(BRANCHES, (out[:half], out[half:])):
+                    self._pending.append((branch_layer(layer, branch), self._timestep, self._reduce(rows)))
         return record
 
     def compile(self, fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
@@ -252,11 +268,13 @@ def device_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
 
 @contextmanager
 def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: ActivationStats,
-                          reduce: Callable[[mx.array], BatchReduction] | None = None) -> Iterator[FFNTracer]:
+                          reduce: Callable[[mx.array], BatchReduction] | None = None,
+                          branches: bool = False) -> Iterator[FFNTracer]:
     """Wrap the module at each path of `layer_paths` ({layer name: module path}) for the block's duration.
 
     Pending reductions are flushed on a normal exit and discarded when the block raises. `reduce` turns one
-    activation into a BatchReduction; None picks `device_reducer(stats.spec)`.
+    activation into a BatchReduction; None picks `device_reducer(stats.spec)`. `branches`: also keep each
+    forward's conditional and unconditional halves as layers `<layer>:cond` and `<layer>:uncond`.
     """
     modules = dict(model.named_modules())
     missing = {name: path for name, path in layer_paths.items() if path not in modules}
@@ -266,8 +284,9 @@ def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: 
         raise ValueError(f"layer paths must be distinct, got {layer_paths}")
     reduce = reduce or device_reducer(stats.spec)
     originals = {path: modules[path] for path in layer_paths.values()}
-    tracer = FFNTracer(stats, reduce)
-    stats.add_layers(layer_paths)
+    tracer = FFNTracer(stats, reduce, branches)
+    stats.add_layers([n for name in layer_paths
+                      for n in ([name, *(branch_layer(name, b) for b in BRANCHES)] if branches else [name])])
     _swap_modules(model, {path: RecordingModule(originals[path], tracer.recorder(name))
                           for name, path in layer_paths.items()})
     try:
