@@ -44,7 +44,8 @@ from taq.formats.calibration import CalibrationSet, load_calibration
 from taq.formats.stats import save_stats
 from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_histogram_options, add_model_options, histogram_spec_from
-from taq.tracing import ActivationStats, HistogramSpec, mmdit_layer_paths, trace_ffn_activations
+from taq.tracing import ActivationStats, HistogramSpec, trace_ffn_activations
+from taq.tracing.site_choice import SITES, traced_sites
 from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches, point_batches
 from taq.tracing.stats import timestep_key
 
@@ -98,7 +99,7 @@ class ProfileSummary:
 def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: int = 512, seed: int = 0,
             batch_size: int = 32, layers: Optional[Sequence[str]] = None, hist_spec: HistogramSpec = HistogramSpec(),
             output: str | os.PathLike, progress: bool = True, world: Optional[World] = None,
-            groups: int = 1, branches: bool = False) -> ProfileSummary:
+            groups: int = 1, branches: bool = False, sites: str = "post-gelu") -> ProfileSummary:
     """Trace the FFN activations of `model` over sampled calibration points; write the stats file to `output`.
 
     Everything is checked before the first forward; nothing is written unless the whole run succeeds (on every
@@ -109,19 +110,20 @@ def profile(model: Model, calibration_path: str | os.PathLike, *, num_samples: i
     check_outputs_spare_inputs({"the output": output}, {"the calibration file": calibration_path})
     return _profile(model, load_calibration(calibration_path), calibration_path, num_samples=num_samples, seed=seed,
                     batch_size=batch_size, layers=layers, hist_spec=hist_spec, output=output, progress=progress,
-                    world=world, groups=groups, branches=branches)
+                    world=world, groups=groups, branches=branches, sites=sites)
 
 
 def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathLike, *, num_samples: int, seed: int,
              batch_size: int, layers: Optional[Sequence[str]], hist_spec: HistogramSpec, output: Path,
              progress: bool, world: Optional[World] = None, groups: int = 1,
-             branches: bool = False) -> ProfileSummary:
+             branches: bool = False, sites: str = "post-gelu") -> ProfileSummary:
     started = time.perf_counter()
     world = current_world() if world is None else world
     with collective_step(world, "checking the inputs") as setup:
         if layers is not None and len(layers) == 0:
             raise ValueError("layers is empty; give at least one layer name, or None for all")
-        layer_paths = mmdit_layer_paths(model.mmdit, layers)
+        traced = traced_sites(model.mmdit, sites, layers)
+        layer_paths = traced.paths
         check_calibration_fits(cal, model, str(calibration_path))
         batches = plan_batches(cal, num_samples, seed, batch_size)
         grouped = group_batches(cal, batches, groups, batch_size)
@@ -138,7 +140,8 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
                       disable=not (progress and world.is_root)) as bar:
                 for mine in shards:
                     stats = ActivationStats(hist_spec)  # the tracer fixes the layer order (and the branches)
-                    with trace_ffn_activations(model.mmdit, layer_paths, stats, branches=branches) as tracer:
+                    with trace_ffn_activations(model.mmdit, layer_paths, stats, branches=branches,
+                                               inputs=traced.inputs) as tracer:
                         # A GPU runs the forward and its reductions as one compiled graph; the CPU backend
                         # compiles slowly.
                         forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu \
@@ -162,6 +165,9 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
                     meta.update(groups=groups, grouping=GROUPING_NOTE)
                 if branches:
                     meta["branches"] = BRANCHES_NOTE
+                meta.update(sites=sites, recorded="module inputs" if traced.inputs else "module outputs")
+                if traced.left_out:
+                    meta["left_out"] = {"sites": list(traced.left_out), "why": "another channel width"}
                 save_stats(output, merged, meta, groups=per_group if groups > 1 else None)
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written to {output} (profiling keeps no partial results); run the same "
@@ -233,6 +239,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also keep the statistics of this many trajectory groups (trajectory index mod N), so "
                              "the claims get bootstrap intervals; the suite and taq report use 8 (default: "
                              "%(default)s)")
+    parser.add_argument("--sites", choices=SITES, default="post-gelu",
+                        help="what to trace: every FFN's GELU output (fc2's input), the inputs of qkv / proj / fc1 "
+                             "(names mm_03_img.qkv ...), or the adaLN modulation outputs (default: %(default)s)")
     parser.add_argument("--branches", action="store_true",
                         help="also keep the conditional and unconditional CFG rows apart, as layers "
                              "<layer>:cond and <layer>:uncond")
@@ -256,6 +265,6 @@ def run_cli(args: argparse.Namespace) -> None:
     with fail_together("profile"):
         summary = _profile(model, cal, args.calibration_file, num_samples=args.num_samples, seed=args.seed,
                            batch_size=args.batch_size, layers=args.layers, hist_spec=hist_spec, output=output,
-                           progress=True, groups=args.groups, branches=args.branches)
+                           progress=True, groups=args.groups, branches=args.branches, sites=args.sites)
     if current_world().is_root:
         print(summary.line())

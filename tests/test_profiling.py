@@ -389,3 +389,28 @@ def test_cfg_branches_are_kept_apart_and_their_union_is_the_layer(tiny_model, ti
         np.testing.assert_array_equal(a["hist"][c] + a["hist"][u], a["hist"][i])
         np.testing.assert_array_equal(np.fmin(a["min"][c], a["min"][u]), a["min"][i])
         assert not np.array_equal(a["mean"][c], a["mean"][u])  # the two prompts' rows differ
+
+
+@pytest.mark.parametrize("sites, roles, width", [("linear-inputs", ("qkv", "proj", "fc1"), "hidden"),
+                                                 ("adaln", ("adaln",), "6 hidden")])
+def test_other_sites_trace_the_linear_inputs_or_the_modulation(tiny_model, tiny_calibration, tmp_path, sites, roles,
+                                                                width):
+    from taq.tracing.sites import linear_sites, site_role
+
+    profile(tiny_model, tiny_calibration, num_samples=8, output=tmp_path / "s.npz", progress=False, sites=sites)
+    stats = load_stats(tmp_path / "s.npz")
+    hidden = tiny_model.mmdit.config.hidden_size
+    expected = [n for n in linear_sites(tiny_model.mmdit) if site_role(n) in roles]
+    if sites == "adaln":  # the last text block modulates only its qkv: another width, left out
+        last_txt = f"mm_{tiny_model.mmdit.config.depth - 1:02d}_txt.adaln"
+        expected.remove(last_txt)
+        assert stats.meta["left_out"]["sites"] == [last_txt]
+    assert sorted(stats.arrays["layers"]) == sorted(expected)
+    assert stats.arrays["count"].shape[-1] == (hidden if width == "hidden" else 6 * hidden)
+    assert stats.meta["recorded"] == ("module inputs" if sites == "linear-inputs" else "module outputs")
+    counts = stats.arrays["count"].sum(axis=(1, 2))
+    if sites == "linear-inputs":  # every Linear of a stream sees each of its tokens once per row
+        assert len(set(counts[[list(stats.arrays["layers"]).index(n) for n in expected
+                               if n.startswith("mm_00_img")]])) == 1
+    else:  # the modulation runs once per row, not per token
+        assert set(counts) == {2 * 8 * 6 * hidden}

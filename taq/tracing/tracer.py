@@ -269,12 +269,13 @@ def device_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
 @contextmanager
 def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: ActivationStats,
                           reduce: Callable[[mx.array], BatchReduction] | None = None,
-                          branches: bool = False) -> Iterator[FFNTracer]:
+                          branches: bool = False, inputs: bool = False) -> Iterator[FFNTracer]:
     """Wrap the module at each path of `layer_paths` ({layer name: module path}) for the block's duration.
 
     Pending reductions are flushed on a normal exit and discarded when the block raises. `reduce` turns one
     activation into a BatchReduction; None picks `device_reducer(stats.spec)`. `branches`: also keep each
-    forward's conditional and unconditional halves as layers `<layer>:cond` and `<layer>:uncond`.
+    forward's conditional and unconditional halves as layers `<layer>:cond` and `<layer>:uncond`. `inputs`:
+    record each module's input instead of its output (a Linear's input).
     """
     modules = dict(model.named_modules())
     missing = {name: path for name, path in layer_paths.items() if path not in modules}
@@ -287,7 +288,7 @@ def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: 
     tracer = FFNTracer(stats, reduce, branches)
     stats.add_layers([n for name in layer_paths
                       for n in ([name, *(branch_layer(name, b) for b in BRANCHES)] if branches else [name])])
-    _swap_modules(model, {path: RecordingModule(originals[path], tracer.recorder(name))
+    _swap_modules(model, {path: RecordingModule(originals[path], tracer.recorder(name), input=inputs)
                           for name, path in layer_paths.items()})
     try:
         yield tracer
