@@ -372,14 +372,17 @@ def test_load_stats_refuses_bad_files_naming_the_problem(some_stats, tmp_path, c
 
 
 def test_cfg_branches_are_kept_apart_and_their_union_is_the_layer(tiny_model, tiny_calibration, tmp_path):
-    profile(tiny_model, tiny_calibration, num_samples=12, batch_size=4, output=tmp_path / "b.npz", progress=False,
-            branches=True)
+    summary = profile(tiny_model, tiny_calibration, num_samples=12, batch_size=4, output=tmp_path / "b.npz",
+                      progress=False, branches=True)
     profile(tiny_model, tiny_calibration, num_samples=12, batch_size=4, output=tmp_path / "a.npz", progress=False)
     both, plain = load_stats(tmp_path / "b.npz"), load_stats(tmp_path / "a.npz")
     names = list(both.arrays["layers"])
     base = list(plain.arrays["layers"])
     assert names == [n for layer in base for n in (layer, f"{layer}:cond", f"{layer}:uncond")]
     assert "conditional and unconditional" in both.meta["branches"]
+    assert summary.layers == tuple(names) and f"{len(names)} layers" in summary.line()
+    from taq.report.plots import default_layers
+    assert set(default_layers(names)) <= set(base)  # the default figures pick whole layers, not branches
     for layer in base:
         i, c, u, k = names.index(layer), names.index(f"{layer}:cond"), names.index(f"{layer}:uncond"), base.index(layer)
         for key in ("count", "hist", "min", "max", "mean", "m2"):  # the union is exactly the layer without branches

@@ -48,8 +48,10 @@ STREAMS = {"img": ("image", "Blues"), "txt": ("text", "Oranges")}
 
 
 def default_layers(names: Sequence[str]) -> list[str]:
-    """First, middle and last image layer and the middle text layer; first/middle/last layer without those."""
+    """First, middle and last image layer and the middle text layer; first/middle/last layer without those. CFG
+    branches (`mm_03_img:cond`) are left to `--layers`: the picks are whole layers."""
     ordered = [names[i] for i in display_order(names)]
+    ordered = [n for n in ordered if ":" not in n] or ordered
     by_stream = {s: [n for n in ordered if layer_stream(n) == s] for s in ("img", "txt")}
     picks = []
     if by_stream["img"]:
