@@ -22,7 +22,7 @@ from taq.models.mmdit import MMDiT
 from taq.pipeline import ensure_calibration, ensure_stats
 from taq.recipes import Recipe, get_recipe
 from taq.tracing import mmdit_layer_paths
-from taq.tracing.tracer import BRANCHES, branch_layer
+from taq.tracing.tracer import traced_layer_names
 
 from characterization.claims_table import tally, write_claims
 from characterization.registry import ALL_CLAIMS, QUANT_CLAIM_LAYERS
@@ -87,10 +87,8 @@ class Suite:
     def layers(self) -> list[str]:
         """The model's FFN layer names, from its (lazily built, never evaluated) architecture; with
         --taq-branches each followed by its two CFG branches."""
-        names = list(mmdit_layer_paths(MMDiT(get_preset(self.model_name).mmdit)))
-        if not self.recipe.profile_branches:
-            return names
-        return [n for name in names for n in (name, *(branch_layer(name, b) for b in BRANCHES))]
+        return traced_layer_names(mmdit_layer_paths(MMDiT(get_preset(self.model_name).mmdit)),
+                                  self.recipe.profile_branches)
 
     def log(self, message: str) -> None:
         """A line on the terminal now, also from inside a fixture (output capture is suspended for it)."""

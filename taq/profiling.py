@@ -46,7 +46,7 @@ from taq.loading import Model, check_model_options, dtype_from_args, load_model
 from taq.options import add_histogram_options, add_model_options, histogram_spec_from
 from taq.tracing import ActivationStats, HistogramSpec, trace_ffn_activations
 from taq.tracing.site_choice import SITES, traced_sites
-from taq.tracing.tracer import BRANCHES, branch_layer
+from taq.tracing.tracer import traced_layer_names
 from taq.tracing.plan import ForwardBatch, batch_inputs, check_calibration_fits, plan_batches, point_batches
 from taq.tracing.stats import timestep_key
 
@@ -176,10 +176,8 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
     except OSError as exc:
         raise WriteError(f"{exc}; nothing was written (profiling keeps no partial results)") from None
     timesteps = tuple(sorted({timestep_key(batch.timestep) for batch in batches}))
-    traced_names = tuple(n for name in layer_paths
-                         for n in ((name, *(branch_layer(name, b) for b in BRANCHES)) if branches else (name,)))
-    return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started, traced_names,
-                          timesteps, world.size)
+    return ProfileSummary(output, int(num_samples), len(batches), time.perf_counter() - started,
+                          tuple(traced_layer_names(layer_paths, branches)), timesteps, world.size)
 
 
 def _run_record(model: Model, cal: CalibrationSet, layer_paths: dict, hist_spec: HistogramSpec,

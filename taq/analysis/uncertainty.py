@@ -53,14 +53,11 @@ class GroupedStats:
         drawn = w > 0
         result = dict(self.shared)
         result.update(count=count.astype(np.int64), mean=mean, m2=m2, std=std,
-                      min=_nan_extreme(np.fmin, s["min"][drawn]), max=_nan_extreme(np.fmax, s["max"][drawn]),
+                      # fmin / fmax ignore NaN (an empty channel of a group) unless every group's is NaN
+                      min=np.fmin.reduce(s["min"][drawn], axis=0), max=np.fmax.reduce(s["max"][drawn], axis=0),
                       hist=np.tensordot(w, s["hist"], axes=1), present=count.sum(axis=-1) > 0,
                       **{key: np.tensordot(w, s[key], axes=1) for key in CELL_COUNTERS})
         return result
-
-
-def _nan_extreme(ufunc, values: np.ndarray) -> np.ndarray:
-    return ufunc.reduce(values, axis=0)  # fmin / fmax ignore NaN unless every value is NaN
 
 
 def claim_intervals(stats: StatsFile, claims: dict[str, Claim] = CLAIMS, n_resamples: int = RESAMPLES,
@@ -73,7 +70,7 @@ def claim_intervals(stats: StatsFile, claims: dict[str, Claim] = CLAIMS, n_resam
         return {}
     grouped = GroupedStats(stats.groups)
     names = layer_names(stats.arrays)
-    keys = [(claim, layer) for claim in claims for layer in names]
+    keys = [(claim, layer, i) for claim in claims for i, layer in enumerate(names)]
     totals = {(claim, i): group_time_aware_totals(grouped.stacked["hist"][:, i], stats.arrays["bin_edges"], bits,
                                                   *layer_extremes(stats.arrays, i))
               for claim, bits in TIME_AWARE_BITS.items() if claim in claims
@@ -83,8 +80,7 @@ def claim_intervals(stats: StatsFile, claims: dict[str, Claim] = CLAIMS, n_resam
         weights = np.bincount(drawn.astype(np.int64), minlength=grouped.size)
         arrays = grouped.weighted(weights)
         values = []
-        for claim, layer in keys:
-            i = names.index(layer)
+        for claim, _, i in keys:
             if claim in TIME_AWARE_BITS:
                 t = totals.get((claim, i))
                 values.append(time_aware_ratio(np.tensordot(weights, t, axes=1)) if t is not None else np.nan)
@@ -95,4 +91,4 @@ def claim_intervals(stats: StatsFile, claims: dict[str, Claim] = CLAIMS, n_resam
 
     ci = bootstrap((np.arange(grouped.size),), statistic, vectorized=False, n_resamples=n_resamples,
                    confidence_level=0.95, method="percentile", random_state=seed).confidence_interval
-    return {key: (float(low), float(high)) for key, low, high in zip(keys, ci.low, ci.high)}
+    return {(claim, layer): (float(low), float(high)) for (claim, layer, _), low, high in zip(keys, ci.low, ci.high)}

@@ -34,21 +34,25 @@ DAMAGE = Claim(
 DAMAGE_ROWS = [f"{name}:A{bits}" for name in DIAGNOSTICS for bits in DAMAGE_BITS]
 
 
-def layer_damage(model: Model, cal: CalibrationSet, layers: list[str], bits: int, *, num_samples: int,
-                 eval_points: int, seed: int) -> np.ndarray:
-    """(layers,) the mean held-out output MSE with only each layer's fc2 input quantized at `bits`."""
+def layer_damage(model: Model, cal: CalibrationSet, layers: list[str], bits: tuple[int, ...], *, num_samples: int,
+                 eval_points: int, seed: int) -> dict[int, np.ndarray]:
+    """bits -> (layers,) the mean held-out output MSE with only each layer's fc2 input quantized at those bits
+    (one observation pass and one full-precision reference for all widths)."""
     sites = [f"{layer}.fc2" for layer in layers]  # fc2's input is the layer's post-GELU activation
-    config = QuantConfig(weight_bits=None, act_bits=bits, act_mode="static", act_observer="minmax",
-                         layers=tuple(sites), num_samples=num_samples, seed=seed, batch_size=16)
-    (every,) = calibrate_quantizations(model, cal, [config], progress=False)
+    configs = [QuantConfig(weight_bits=None, act_bits=b, act_mode="static", act_observer="minmax",
+                           layers=tuple(sites), num_samples=num_samples, seed=seed, batch_size=16) for b in bits]
+    quantizations = calibrate_quantizations(model, cal, configs, progress=False)
     points = held_out_points(cal, (num_samples,), eval_points, seed)
     reference = point_outputs(cal, points, model.mmdit)
-    damage = []
-    for site in sites:
-        alone = Quantization({site: every.layers[site]}, every.meta)
-        with quantize_model(model.mmdit, alone) as quantized:
-            damage.append(output_errors(point_outputs(cal, points, quantized), reference).mean())
-    return np.array(damage)
+    damage = {}
+    for b, every in zip(bits, quantizations):
+        errors = []
+        for site in sites:
+            alone = Quantization({site: every.layers[site]}, every.meta)
+            with quantize_model(model.mmdit, alone) as quantized:
+                errors.append(output_errors(point_outputs(cal, points, quantized), reference).mean())
+        damage[b] = np.array(errors)
+    return damage
 
 
 def rank_correlation(diagnostic: np.ndarray, damage: np.ndarray, seed: int) -> tuple[float, float, float]:
@@ -70,8 +74,8 @@ def measure_damage_claim(model: Model, cal: CalibrationSet, arrays: dict, *, num
     layers = list(mmdit_layer_paths(model.mmdit))
     values = {name: np.array([measure(arrays, layer, name).value for layer in layers]) for name in DIAGNOSTICS}
     results = []
-    for bits in DAMAGE_BITS:
-        damage = layer_damage(model, cal, layers, bits, num_samples=num_samples, eval_points=eval_points, seed=seed)
+    damages = layer_damage(model, cal, layers, DAMAGE_BITS, num_samples=num_samples, eval_points=eval_points, seed=seed)
+    for bits, damage in damages.items():
         worst = layers[int(np.argmax(damage))]
         for name in DIAGNOSTICS:
             rho, low, high = rank_correlation(values[name], damage, seed)

@@ -341,8 +341,8 @@ def widest_layers(arrays: dict, layers: Sequence[str] | None = None, count: int 
     """The `count` layers (among `layers`) with the widest single channel range, widest first."""
     names = layer_names(arrays)
     rows = select_layers(arrays, layers)
-    widest = {i: np.nanmax(channel_ranges(arrays, i)) if np.isfinite(channel_ranges(arrays, i)).any() else -np.inf
-              for i in rows}
+    ranges = {i: channel_ranges(arrays, i) for i in rows}
+    widest = {i: np.nanmax(r) if np.isfinite(r).any() else -np.inf for i, r in ranges.items()}
     return [names[i] for i in sorted(rows, key=lambda i: -widest[i])[:count] if np.isfinite(widest[i])]
 
 

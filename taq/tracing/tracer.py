@@ -77,6 +77,11 @@ def branch_layer(layer: str, branch: str) -> str:
     return f"{layer}:{branch}"
 
 
+def traced_layer_names(layers, branches: bool) -> list[str]:
+    """The names a trace files its statistics under: each layer, followed by its two CFG branches if `branches`."""
+    return [n for name in layers for n in ((name, *(branch_layer(name, b) for b in BRANCHES)) if branches else (name,))]
+
+
 class RecordingModule(nn.Module):
     """Calls the wrapped module unchanged and passes its output (or, with `input=True`, its first argument) to
     `record`."""
@@ -286,8 +291,7 @@ def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: 
     reduce = reduce or device_reducer(stats.spec)
     originals = {path: modules[path] for path in layer_paths.values()}
     tracer = FFNTracer(stats, reduce, branches)
-    stats.add_layers([n for name in layer_paths
-                      for n in ([name, *(branch_layer(name, b) for b in BRANCHES)] if branches else [name])])
+    stats.add_layers(traced_layer_names(layer_paths, branches))
     _swap_modules(model, {path: RecordingModule(originals[path], tracer.recorder(name), input=inputs)
                           for name, path in layer_paths.items()})
     try:
