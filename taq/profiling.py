@@ -55,6 +55,8 @@ ROWS_NOTE = ("each sampled point runs as 2 rows (CFG doubling): its prompt's emb
 
 BRANCHES_NOTE = ("each layer's conditional and unconditional CFG rows are also kept apart, as <layer>:cond and "
                  "<layer>:uncond; <layer> is their union")
+RECORDED = {"output": "module outputs", "input": "module inputs",
+            "probabilities": "attention probabilities, one channel per head"}  # by TracedSites.record
 GROUPING_NOTE = ("groups of the sampled points by trajectory index mod groups, each traced on its own; the "
                  "statistics are their merge")
 
@@ -142,7 +144,7 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
                 for mine in shards:
                     stats = ActivationStats(hist_spec)  # the tracer fixes the layer order (and the branches)
                     with trace_ffn_activations(model.mmdit, layer_paths, stats, branches=branches,
-                                               inputs=traced.inputs) as tracer:
+                                               record=traced.record) as tracer:
                         # A GPU runs the forward and its reductions as one compiled graph; the CPU backend
                         # compiles slowly.
                         forward = tracer.compile(model.mmdit) if mx.default_device().type == mx.DeviceType.gpu \
@@ -166,7 +168,7 @@ def _profile(model: Model, cal: CalibrationSet, calibration_path: str | os.PathL
                     meta.update(groups=groups, grouping=GROUPING_NOTE)
                 if branches:
                     meta["branches"] = BRANCHES_NOTE
-                meta.update(sites=sites, recorded="module inputs" if traced.inputs else "module outputs")
+                meta.update(sites=sites, recorded=RECORDED[traced.record])
                 if traced.left_out:
                     meta["left_out"] = {"sites": list(traced.left_out), "why": "another channel width"}
                 save_stats(output, merged, meta, groups=per_group if groups > 1 else None)
@@ -242,7 +244,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "%(default)s)")
     parser.add_argument("--sites", choices=SITES, default="post-gelu",
                         help="what to trace: every FFN's GELU output (fc2's input), the inputs of qkv / proj / fc1 "
-                             "(names mm_03_img.qkv ...), or the adaLN modulation outputs (default: %(default)s)")
+                             "(names mm_03_img.qkv ...), the adaLN modulation outputs (mm_03_img.adaln) or the attention "
+                             "probabilities per query stream, one channel per head (mm_03_img.attn) (default: "
+                             "%(default)s)")
     parser.add_argument("--branches", action="store_true",
                         help="also keep the conditional and unconditional CFG rows apart, as layers "
                              "<layer>:cond and <layer>:uncond")

@@ -395,24 +395,39 @@ def test_cfg_branches_are_kept_apart_and_their_union_is_the_layer(tiny_model, ti
 
 
 @pytest.mark.parametrize("sites, roles, width", [("linear-inputs", ("qkv", "proj", "fc1"), "hidden"),
-                                                 ("adaln", ("adaln",), "6 hidden")])
+                                                 ("adaln", ("adaln",), "6 hidden"),
+                                                 ("attention", ("attn",), "heads")])
 def test_other_sites_trace_the_linear_inputs_or_the_modulation(tiny_model, tiny_calibration, tmp_path, sites, roles,
                                                                 width):
     from taq.tracing.sites import linear_sites, site_role
 
     profile(tiny_model, tiny_calibration, num_samples=8, output=tmp_path / "s.npz", progress=False, sites=sites)
     stats = load_stats(tmp_path / "s.npz")
-    hidden = tiny_model.mmdit.config.hidden_size
-    expected = [n for n in linear_sites(tiny_model.mmdit) if site_role(n) in roles]
+    config = tiny_model.mmdit.config
+    hidden = config.hidden_size
+    expected = [n.replace(".fc2", ".attn") for n in linear_sites(tiny_model.mmdit) if site_role(n) in roles
+                or (sites == "attention" and site_role(n) == "fc2")]
     if sites == "adaln":  # the last text block modulates only its qkv: another width, left out
         last_txt = f"mm_{tiny_model.mmdit.config.depth - 1:02d}_txt.adaln"
         expected.remove(last_txt)
         assert stats.meta["left_out"]["sites"] == [last_txt]
     assert sorted(stats.arrays["layers"]) == sorted(expected)
-    assert stats.arrays["count"].shape[-1] == (hidden if width == "hidden" else 6 * hidden)
-    assert stats.meta["recorded"] == ("module inputs" if sites == "linear-inputs" else "module outputs")
+    heads = config.num_heads
+    assert stats.arrays["count"].shape[-1] == {"hidden": hidden, "6 hidden": 6 * hidden, "heads": heads}[width]
+    assert stats.meta["recorded"] == {"linear-inputs": "module inputs", "adaln": "module outputs",
+                                      "attention": "attention probabilities, one channel per head"}[sites]
     counts = stats.arrays["count"].sum(axis=(1, 2))
-    if sites == "linear-inputs":  # every Linear of a stream sees each of its tokens once per row
+    if sites == "attention":  # probabilities: each query stream's rows over all keys, and a row sums to 1
+        layers = list(stats.arrays["layers"])
+        assert stats.arrays["min"].min() >= 0 and stats.arrays["max"].max() <= 1
+        a = stats.arrays
+        img, txt = (layers.index(f"mm_00_{s}.attn") for s in ("img", "txt"))
+        seen = a["count"][img].sum(-1) > 0
+        keys = 1 / a["mean"][img][seen].mean()  # every probability row sums to 1 over its keys
+        np.testing.assert_allclose(a["mean"][[img, txt]][:, seen], 1 / keys, rtol=1e-4)
+        # both streams' queries together are all keys: rows x keys x keys probabilities per head
+        np.testing.assert_array_equal(a["count"][img].sum(0) + a["count"][txt].sum(0), round(2 * 8 * keys**2))
+    elif sites == "linear-inputs":  # every Linear of a stream sees each of its tokens once per row
         assert len(set(counts[[list(stats.arrays["layers"]).index(n) for n in expected
                                if n.startswith("mm_00_img")]])) == 1
     else:  # the modulation runs once per row, not per token

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from taq.config import get_preset
 from taq.models.fused import GELU
 from taq.models.mmdit import MMDiT
+from taq.tracing.site_choice import SITES, traced_sites
 from taq.tracing import (ActivationStats, CellStats, HistogramSpec, RecordingModule, compiled_reducer,
                          mmdit_layer_paths, reduce_batch, trace_ffn_activations)
 
@@ -333,6 +334,25 @@ def test_taq_mmdit_is_traced_without_changing_its_output():
         cell = stats[layer, 700]
         assert cell.count.tolist() == [2 * (16 if layer.endswith("img") else 5)] * cfg.mlp_hidden
         assert cell.min.min() >= GELU_FLOOR[cfg.gelu] and isinstance(cell, CellStats)
+
+
+@pytest.mark.parametrize("sites", SITES)
+def test_every_site_is_traced_without_changing_the_output(sites):
+    mx.random.seed(0)
+    model = MMDiT(get_preset("tiny").mmdit)
+    cfg = model.config
+    keys = mx.random.split(mx.random.key(1), 3)
+    args = (mx.random.normal((2, 8, 8, cfg.in_channels), key=keys[0]), mx.array([700.0, 700.0]),
+            mx.random.normal((2, 5, cfg.token_dim), key=keys[1]), mx.random.normal((2, cfg.pooled_dim), key=keys[2]))
+    plain = np.array(model(*args))
+    chosen = traced_sites(model, sites)
+    stats = ActivationStats()
+    with trace_ffn_activations(model, chosen.paths, stats, record=chosen.record) as tracer:
+        tracer.timestep = 700.0
+        out = model(*args)
+        tracer.flush(out)
+    np.testing.assert_array_equal(np.array(out), plain)
+    assert sorted(stats.layers) == sorted(chosen.paths) and all(stats[n, 700].count.sum() > 0 for n in chosen.paths)
 
 
 @pytest.mark.diffusionkit

@@ -120,10 +120,22 @@ class StreamBlock(nn.Module):
         return gated_add(x, gate_mlp, self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.eps)))
 
 
+class JointAttention(nn.Module):
+    """softmax(scale q k^T) v over the joint sequence (text tokens first). Its own module, without weights, so that
+    a tracer can swap it for one that also records the probabilities, which fused attention never forms."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        self.scale = cfg.head_dim**-0.5
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, text_tokens: int) -> mx.array:
+        return attention(q, k, v, self.scale)  # text_tokens: where the text queries end, for a recording wrapper
+
+
 class JointBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig, last: bool):
         super().__init__()
-        self.scale = cfg.head_dim**-0.5
+        self.attention = JointAttention(cfg)
         self.context_block = StreamBlock(cfg, pre_only=last)
         self.x_block = StreamBlock(cfg)
 
@@ -132,10 +144,10 @@ class JointBlock(nn.Module):
         x_mods = self.x_block.modulation(c)
         qkv = mx.concatenate([self.context_block.pre_attention(context, ctx_mods),
                               self.x_block.pre_attention(x, x_mods)], axis=3)  # text tokens first
-        out = attention(qkv[0], qkv[1], qkv[2], self.scale)
+        n_ctx = context.shape[1]
+        out = self.attention(qkv[0], qkv[1], qkv[2], n_ctx)
         B, _, L, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        n_ctx = context.shape[1]
         x = self.x_block.post_attention(x, out[:, n_ctx:], x_mods)
         if self.context_block.pre_only:
             return None, x

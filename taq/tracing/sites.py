@@ -17,6 +17,7 @@ ROLE_ORDER = ("qkv", "proj", "fc1", "fc2", "adaln")  # the order a block runs th
 LINEAR_PATH = re.compile(r"joint_blocks\.(\d+)\.(x_block|context_block)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|"
                          r"adaLN_modulation\.1)")
 LINEAR_NAME = re.compile(r"mm_(\d+)_(img|txt)\.(qkv|proj|fc1|fc2|adaln)")
+STREAM_NAME = re.compile(r"mm_\d+_(img|txt)(\..*)?")
 
 
 def linear_sites(model: nn.Module) -> dict[str, str]:
@@ -44,3 +45,11 @@ def site_order(name: str) -> tuple[int, int, int]:
 
 def site_role(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def stream_of(name: str) -> str:
+    """The stream ("img" or "txt") of any site name extending mm_{block}_{stream}."""
+    match = STREAM_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} does not name a site of a joint block's stream (mm_NN_img|txt[.site])")
+    return match.group(1)

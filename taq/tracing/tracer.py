@@ -32,6 +32,7 @@ from mlx.utils import tree_unflatten
 from taq.cuda import cuda_available
 from taq.tracing.cuda_reduce import cuda_reducer, histogram_copies
 from taq.tracing.histogram import HistogramSpec
+from taq.tracing.sites import stream_of
 from taq.tracing.stats import (FLOAT_FIELDS, SIGNS, ActivationStats, BatchReduction, PackedMerger, compiled_reducer,
                                pack_reductions, reduce_batch, timestep_key)
 
@@ -96,6 +97,28 @@ class RecordingModule(nn.Module):
         out = self.module(*args, **kwargs)
         self._record(args[0] if self._input else out)
         return out
+
+
+class ProbabilityRecording(nn.Module):
+    """Calls the wrapped JointAttention unchanged and records its attention probabilities softmax(scale q k^T) in
+    float32, formed again beside the (fused) attention: the text queries' rows and the image queries' rows each
+    to their stream's `record` ({"txt" | "img": record}), as (rows, queries, keys, heads), one channel per head."""
+
+    def __init__(self, module: nn.Module, records: dict[str, Callable[[mx.array], None]]):
+        super().__init__()
+        self.module = module
+        self._records = records
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, text_tokens: int) -> mx.array:
+        out = self.module(q, k, v, text_tokens)
+        scores = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * self.module.scale
+        probabilities = mx.softmax(scores, axis=-1, precise=True).transpose(0, 2, 3, 1)
+        for stream, record in self._records.items():
+            record(probabilities[:, :text_tokens] if stream == "txt" else probabilities[:, text_tokens:])
+        return out
+
+
+RECORDS = ("output", "input", "probabilities")  # what a traced module's wrapper records
 
 
 class FFNTracer:
@@ -274,26 +297,38 @@ def device_reducer(spec: HistogramSpec) -> Callable[[mx.array], BatchReduction]:
 @contextmanager
 def trace_ffn_activations(model: nn.Module, layer_paths: dict[str, str], stats: ActivationStats,
                           reduce: Callable[[mx.array], BatchReduction] | None = None,
-                          branches: bool = False, inputs: bool = False) -> Iterator[FFNTracer]:
+                          branches: bool = False, record: str = "output") -> Iterator[FFNTracer]:
     """Wrap the module at each path of `layer_paths` ({layer name: module path}) for the block's duration.
 
     Pending reductions are flushed on a normal exit and discarded when the block raises. `reduce` turns one
     activation into a BatchReduction; None picks `device_reducer(stats.spec)`. `branches`: also keep each
-    forward's conditional and unconditional halves as layers `<layer>:cond` and `<layer>:uncond`. `inputs`:
-    record each module's input instead of its output (a Linear's input).
+    forward's conditional and unconditional halves as layers `<layer>:cond` and `<layer>:uncond`. `record`: each
+    module's "output", its "input" (a Linear's input), or, for a JointAttention, its "probabilities", filed under
+    the names of its query streams (`mm_03_img.attn` and `mm_03_txt.attn` share one path).
     """
+    if record not in RECORDS:
+        raise ValueError(f"record must be one of {', '.join(RECORDS)}, got {record!r}")
     modules = dict(model.named_modules())
     missing = {name: path for name, path in layer_paths.items() if path not in modules}
     if missing:
         raise ValueError(f"no module at {missing} in {type(model).__name__}")
-    if len(set(layer_paths.values())) != len(layer_paths):
-        raise ValueError(f"layer paths must be distinct, got {layer_paths}")
+    keys = [(path, stream_of(name)) if record == "probabilities" else path for name, path in layer_paths.items()]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"layer paths must be distinct{' per query stream' if record == 'probabilities' else ''}, "
+                         f"got {layer_paths}")
     reduce = reduce or device_reducer(stats.spec)
     originals = {path: modules[path] for path in layer_paths.values()}
     tracer = FFNTracer(stats, reduce, branches)
     stats.add_layers(traced_layer_names(layer_paths, branches))
-    _swap_modules(model, {path: RecordingModule(originals[path], tracer.recorder(name), input=inputs)
-                          for name, path in layer_paths.items()})
+    if record == "probabilities":
+        streams: dict[str, dict] = {}
+        for name, path in layer_paths.items():
+            streams.setdefault(path, {})[stream_of(name)] = tracer.recorder(name)
+        wrappers = {path: ProbabilityRecording(originals[path], records) for path, records in streams.items()}
+    else:
+        wrappers = {path: RecordingModule(originals[path], tracer.recorder(name), input=record == "input")
+                    for name, path in layer_paths.items()}
+    _swap_modules(model, wrappers)
     try:
         yield tracer
         tracer.flush()
